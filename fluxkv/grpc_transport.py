@@ -1,0 +1,107 @@
+"""The grpcio (asyncio) transport: serves the handlers' plain async functions,
+the standard health service and server reflection.
+
+Request and response types come from the services' descriptors; each
+KVError kind maps to its status code here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fluxkv.errors import ErrorKind, KVError
+
+log = logging.getLogger("fluxkv.grpc")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class GrpcTransport:
+    """One grpc.aio server for a set of services: {"pkg.Service": {"Method": handler}}."""
+
+    def __init__(self, services: Mapping[str, Mapping[str, Handler]], max_message_bytes: int) -> None:
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # Fail to bind a port another process holds instead of sharing it.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        for name, methods in services.items():
+            handlers = _method_handlers(name, methods)
+            self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+            # Registered methods skip grpcio's generic lookup on every call.
+            self._server.add_registered_method_handlers(name, handlers)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names = tuple(services)
+        reflection.enable_server_reflection(
+            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+
+    def bind(self, host: str, port: int) -> int:
+        """Listen on host:port; return the bound port. Raises OSError if it cannot."""
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound: int = self._server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {target}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {target}")
+        return bound
+
+    async def start(self) -> None:
+        await self._server.start()
+        for name in ("", *self._service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, refuse new calls, give in-flight calls grace_s to finish."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+
+def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, grpc.RpcMethodHandler]:
+    descriptor = descriptor_pool.Default().FindServiceByName(service)
+    declared = set(descriptor.methods_by_name)
+    if declared != set(methods):
+        raise ValueError(f"{service}: handlers for {sorted(methods)} but the proto declares {sorted(declared)}")
+    handlers = {}
+    for name, fn in methods.items():
+        method = descriptor.methods_by_name[name]
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _unary(f"{service}/{name}", fn),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return handlers
+
+
+def _unary(path: str, fn: Handler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request)
+        except KVError as exc:
+            await context.abort(STATUS_OF[exc.kind], exc.message)
+        except Exception as exc:
+            log.exception("unexpected error in %s", path)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+
+    return call

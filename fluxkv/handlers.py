@@ -1,0 +1,243 @@
+"""Request handling: one plain async function per RPC, protobuf in, protobuf out.
+
+Handlers validate, translate and delegate to the store; they hold no state
+and know nothing of the transport. A failure is raised as KVError, which the
+transport maps to a status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from fluxkv import scan_cursor
+from fluxkv.config import Settings
+from fluxkv.errors import ErrorKind, KVError, invalid, shown
+from fluxkv.proto import compat_kv_pb2 as compat_pb2
+from fluxkv.proto import kv_pb2 as pb
+from fluxkv.store import NUM_SHARDS, Store
+
+DEFAULT_SCAN_LIMIT = 100
+
+
+class NodeStatus(Protocol):
+    """What Info reports beyond the store."""
+
+    node_id: str
+    address: str
+    version: str
+
+    def uptime_seconds(self) -> float: ...
+    def rss_bytes(self) -> int: ...
+    def subsystems(self) -> Sequence[tuple[str, str, str]]: ...
+
+
+class Limits:
+    """Request validation against the configured limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_key = settings.max_key_bytes
+        self.max_value = settings.max_value_bytes
+        self.max_items = settings.max_batch_items
+        self.max_batch = settings.max_batch_bytes
+        self.max_message = settings.max_message_bytes
+        # A key of at most this many characters cannot exceed max_key bytes
+        # (UTF-8 needs at most 4 bytes per character): no need to encode it.
+        self._short_key = settings.max_key_bytes // 4
+
+    def key(self, key: str, where: str = "") -> None:
+        if not key:
+            raise invalid(f"{where}key must not be empty")
+        if len(key) > self._short_key:
+            size = len(key.encode())
+            if size > self.max_key:
+                raise invalid(
+                    f"{where}key is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)"
+                )
+
+    def value(self, size: int, where: str = "") -> None:
+        if size > self.max_value:
+            raise invalid(
+                f"{where}value is {size} bytes, over the limit of {self.max_value} bytes (FLUX_MAX_VALUE_BYTES)"
+            )
+
+    def items(self, count: int, what: str) -> None:
+        if count > self.max_items:
+            raise invalid(f"{what} has {count} items, over the limit of {self.max_items} (FLUX_MAX_BATCH_ITEMS)")
+
+    def set_request(self, item: pb.SetRequest, where: str = "") -> int | None:
+        """Validate a SetRequest; return its expect_revision (None = unconditional)."""
+        self.key(item.key, where)
+        self.value(len(item.value), where)
+        if item.ttl_ms < 0:
+            raise invalid(f"{where}ttl_ms must not be negative, got {item.ttl_ms}")
+        if not item.HasField("expect_revision"):
+            return None
+        if item.expect_revision < 0:
+            raise invalid(
+                f"{where}expect_revision must be 0 (only if absent) or a revision above 0, got {item.expect_revision}"
+            )
+        return item.expect_revision
+
+
+class KVHandlers:
+    """fluxkv.v1.KV"""
+
+    def __init__(self, store: Store, settings: Settings, node: NodeStatus) -> None:
+        self._store = store
+        self._limits = Limits(settings)
+        self._node = node
+
+    async def get(self, request: pb.GetRequest) -> pb.GetResponse:
+        self._limits.key(request.key)
+        item = self._store.get(request.key)
+        if item is None:
+            return pb.GetResponse()
+        return pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
+
+    async def set(self, request: pb.SetRequest) -> pb.SetResponse:
+        expect = self._limits.set_request(request)
+        outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
+        if not outcome.applied:
+            raise _condition_failed(request.key, expect, outcome.revision)
+        return pb.SetResponse(revision=outcome.revision, created=not outcome.existed)
+
+    async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        self._limits.key(request.key)
+        expect = None
+        if request.HasField("expect_revision"):
+            expect = request.expect_revision
+            if expect <= 0:
+                raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
+        outcome = self._store.delete(request.key, expect)
+        if not outcome.applied:
+            raise _condition_failed(request.key, expect, outcome.revision)
+        return pb.DeleteResponse(deleted=outcome.existed, revision=outcome.revision)
+
+    async def multi_get(self, request: pb.MultiGetRequest) -> pb.MultiGetResponse:
+        keys = request.keys
+        self._limits.items(len(keys), "MultiGet")
+        for i, key in enumerate(keys):
+            self._limits.key(key, f"keys[{i}]: ")
+        results = []
+        size = 0
+        for key in keys:
+            item = self._store.get(key)
+            if item is None:
+                results.append(pb.GetResponse())
+                continue
+            size += len(item.value)
+            results.append(
+                pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
+            )
+        if size > self._limits.max_batch:
+            raise KVError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"the values of these {len(keys)} keys add up to {size} bytes, over the limit of "
+                f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES); ask for fewer keys per call",
+            )
+        return pb.MultiGetResponse(results=results)
+
+    async def multi_set(self, request: pb.MultiSetRequest) -> pb.MultiSetResponse:
+        items = request.items
+        self._limits.items(len(items), "MultiSet")
+        expects = []
+        size = 0
+        for i, item in enumerate(items):
+            expects.append(self._limits.set_request(item, f"items[{i}]: "))
+            size += len(item.key.encode()) + len(item.value)
+        if size > self._limits.max_batch:
+            raise invalid(
+                f"MultiSet carries {size} bytes of keys and values, over the limit of "
+                f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES)"
+            )
+        results = []
+        for item, expect in zip(items, expects, strict=True):
+            outcome = self._store.set(item.key, item.value, item.ttl_ms, expect)
+            results.append(
+                pb.SetResult(applied=outcome.applied, revision=outcome.revision, created=not outcome.existed)
+            )
+        return pb.MultiSetResponse(results=results)
+
+    async def scan(self, request: pb.ScanRequest) -> pb.ScanResponse:
+        limit = request.limit or min(DEFAULT_SCAN_LIMIT, self._limits.max_items)
+        if limit > self._limits.max_items:
+            raise invalid(f"limit is {limit}, over the limit of {self._limits.max_items} (FLUX_MAX_BATCH_ITEMS)")
+        prefix = request.prefix
+        start = scan_cursor.decode(request.cursor, prefix) if request.cursor else scan_cursor.start()
+        items, resume = self._store.scan(prefix, start, limit, self._limits.max_batch, request.include_values)
+        return pb.ScanResponse(
+            items=[pb.KeyValue(key=i.key, value=i.value, mod_revision=i.mod_revision, ttl_ms=i.ttl_ms) for i in items],
+            cursor=scan_cursor.encode(resume, prefix) if resume is not None else "",
+        )
+
+    async def info(self, request: pb.InfoRequest) -> pb.InfoResponse:
+        counts = self._store.shard_key_counts()
+        total = sum(counts)
+        limits = self._limits
+        return pb.InfoResponse(
+            node_id=self._node.node_id,
+            address=self._node.address,
+            version=self._node.version,
+            revision=self._store.revision,
+            key_count=total,
+            data_bytes=self._store.data_bytes,
+            rss_bytes=self._node.rss_bytes(),
+            uptime_seconds=self._node.uptime_seconds(),
+            shards=pb.ShardSummary(
+                shards=NUM_SHARDS, min_keys=min(counts), max_keys=max(counts), mean_keys=total / NUM_SHARDS
+            ),
+            limits=pb.Limits(
+                max_key_bytes=limits.max_key,
+                max_value_bytes=limits.max_value,
+                max_batch_items=limits.max_items,
+                max_batch_bytes=limits.max_batch,
+                max_message_bytes=limits.max_message,
+            ),
+            subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
+        )
+
+
+class CompatHandlers:
+    """service.KVService, Flux-KV's wire API."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self._store = store
+        self._limits = Limits(settings)
+
+    async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
+        self._limits.key(request.key)
+        value = request.value.encode()
+        self._limits.value(len(value))
+        self._store.set(request.key, value)
+        return compat_pb2.SetResponse(success=True)
+
+    async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:
+        self._limits.key(request.key)
+        item = self._store.get(request.key)
+        if item is None:
+            return compat_pb2.GetResponse(found=False)
+        try:
+            value = item.value.decode()
+        except UnicodeDecodeError:
+            raise KVError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"the value of key {shown(request.key)} is not valid UTF-8, which service.KVService cannot "
+                "carry; read it with fluxkv.v1.KV/Get",
+            ) from None
+        return compat_pb2.GetResponse(value=value, found=True)
+
+    async def delete(self, request: compat_pb2.DelRequest) -> compat_pb2.DelResponse:
+        self._limits.key(request.key)
+        self._store.delete(request.key)
+        return compat_pb2.DelResponse(success=True)
+
+
+def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
+    if expected == 0:
+        state = f"exists at revision {current}; expect_revision 0 requires it absent"
+    elif current == 0:
+        state = f"does not exist; expected revision {expected}"
+    else:
+        state = f"is at revision {current}, not the expected {expected}"
+    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}")

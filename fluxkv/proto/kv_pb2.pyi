@@ -1,0 +1,193 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("found", "value", "mod_revision", "ttl_ms")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    value: bytes
+    mod_revision: int
+    ttl_ms: int
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., mod_revision: _Optional[int] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class SetRequest(_message.Message):
+    __slots__ = ("key", "value", "ttl_ms", "expect_revision")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    ttl_ms: int
+    expect_revision: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ..., expect_revision: _Optional[int] = ...) -> None: ...
+
+class SetResponse(_message.Message):
+    __slots__ = ("revision", "created")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    created: bool
+    def __init__(self, revision: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("key", "expect_revision")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    expect_revision: int
+    def __init__(self, key: _Optional[str] = ..., expect_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "revision")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    revision: int
+    def __init__(self, deleted: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class MultiGetRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MultiGetResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GetResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[GetResponse, _Mapping]]] = ...) -> None: ...
+
+class MultiSetRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SetRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[SetRequest, _Mapping]]] = ...) -> None: ...
+
+class SetResult(_message.Message):
+    __slots__ = ("applied", "revision", "created")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    revision: int
+    created: bool
+    def __init__(self, applied: _Optional[bool] = ..., revision: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class MultiSetResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SetResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SetResult, _Mapping]]] = ...) -> None: ...
+
+class ScanRequest(_message.Message):
+    __slots__ = ("prefix", "cursor", "limit", "include_values")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    cursor: str
+    limit: int
+    include_values: bool
+    def __init__(self, prefix: _Optional[str] = ..., cursor: _Optional[str] = ..., limit: _Optional[int] = ..., include_values: _Optional[bool] = ...) -> None: ...
+
+class KeyValue(_message.Message):
+    __slots__ = ("key", "value", "mod_revision", "ttl_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    mod_revision: int
+    ttl_ms: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., mod_revision: _Optional[int] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class ScanResponse(_message.Message):
+    __slots__ = ("items", "cursor")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    cursor: str
+    def __init__(self, items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., cursor: _Optional[str] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardSummary(_message.Message):
+    __slots__ = ("shards", "min_keys", "max_keys", "mean_keys")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KEYS_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    min_keys: int
+    max_keys: int
+    mean_keys: float
+    def __init__(self, shards: _Optional[int] = ..., min_keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., mean_keys: _Optional[float] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_key_bytes", "max_value_bytes", "max_batch_items", "max_batch_bytes", "max_message_bytes")
+    MAX_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_key_bytes: int
+    max_value_bytes: int
+    max_batch_items: int
+    max_batch_bytes: int
+    max_message_bytes: int
+    def __init__(self, max_key_bytes: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class Subsystem(_message.Message):
+    __slots__ = ("name", "state", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("node_id", "address", "version", "revision", "key_count", "data_bytes", "rss_bytes", "uptime_seconds", "shards", "limits", "subsystems")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    KEY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SUBSYSTEMS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    version: str
+    revision: int
+    key_count: int
+    data_bytes: int
+    rss_bytes: int
+    uptime_seconds: float
+    shards: ShardSummary
+    limits: Limits
+    subsystems: _containers.RepeatedCompositeFieldContainer[Subsystem]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., key_count: _Optional[int] = ..., data_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., shards: _Optional[_Union[ShardSummary, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., subsystems: _Optional[_Iterable[_Union[Subsystem, _Mapping]]] = ...) -> None: ...
