@@ -240,8 +240,8 @@ class Store:
         examined = 0
         token, index, after = start
         while index < NUM_SHARDS:
-            keys = self._snapshot(token, index, prefix)
-            examined += len(keys)
+            keys, cost = self._snapshot(token, index, prefix)
+            examined += cost
             shard = self._shards[index]
             position = bisect.bisect_right(keys, after) if after is not None else 0
             with shard.lock:
@@ -263,24 +263,26 @@ class Store:
                 break
         return items, (ScanPosition(token, index, None) if index < NUM_SHARDS else None)
 
-    def _snapshot(self, token: int, index: int, prefix: str) -> list[str]:
+    def _snapshot(self, token: int, index: int, prefix: str) -> tuple[list[str], int]:
         """The sorted keys of a shard that start with prefix, as of the first
-        time this scan reached the shard (rebuilt if evicted meanwhile)."""
+        time this scan reached the shard (rebuilt if evicted meanwhile), and
+        how many keys were examined to get them."""
         cache_key = (token, index, prefix)
         with self._snapshots_lock:
             keys = self._snapshots.get(cache_key)
             if keys is not None:
                 self._snapshots.move_to_end(cache_key)
-                return keys
+                return keys, 0
         shard = self._shards[index]
         with shard.lock:
+            examined = len(shard.data)
             keys = [k for k in shard.data if k.startswith(prefix)] if prefix else list(shard.data)
         keys.sort()
         with self._snapshots_lock:
             self._snapshots[cache_key] = keys
             while len(self._snapshots) > SCAN_SNAPSHOTS:
                 self._snapshots.popitem(last=False)
-        return keys
+        return keys, examined
 
     def _forget_snapshot(self, token: int, index: int, prefix: str) -> None:
         with self._snapshots_lock:
