@@ -109,15 +109,17 @@ class Node:
 async def serve(settings: config.Settings) -> int:
     """Run a node until SIGTERM or SIGINT; return the exit status."""
     node = Node(settings)
+    # Handle signals before the node says it serves: a supervisor may send one
+    # as soon as it reads that line.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
     try:
         await node.start()
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, stop)
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(node.wait_failed())
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
