@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Reference server for bench/unary_set.py: a bare grpc.aio server answering
+/fluxkv.v1.KV/Set with an empty SetResponse and doing nothing else.
+
+It is the ceiling for unary Python gRPC on this machine: whatever FluxKV does
+per Set (validation, the store, revisions) is what separates the two.
+Prints `serving on 127.0.0.1:PORT` to stderr when ready; exits on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fluxkv.proto import kv_pb2
+
+SERVICE = "fluxkv.v1.KV"
+
+
+async def set_noop(request: kv_pb2.SetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.SetResponse:
+    return kv_pb2.SetResponse()
+
+
+async def serve(host: str, port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handlers = {
+        "Set": grpc.unary_unary_rpc_method_handler(
+            set_noop,
+            request_deserializer=kv_pb2.SetRequest.FromString,
+            response_serializer=kv_pb2.SetResponse.SerializeToString,
+        )
+    }
+    # Registered the same way as the node's transport, so both take the same path in grpcio.
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"noop reference server serving on {host}:{bound}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

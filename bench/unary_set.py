@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Unary Set throughput of a FluxKV node against a no-op grpc.aio reference server,
+both measured in the same run, alternately, by the same closed-loop client.
+
+The ratio fluxkv/reference is what to compare across runs and machines; absolute
+QPS on a noisy shared machine is not. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import __version__ as protobuf_version
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fluxkv.proto import kv_pb2  # noqa: E402
+
+METHOD = "/fluxkv.v1.KV/Set"
+READY = re.compile(r"serving on (\S+:\d+)")
+START_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 10.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SetCall = Callable[..., Awaitable[Any]]
+
+
+class Server:
+    """A server child process; stderr is drained by a thread (last lines kept for errors)."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.address = ""
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.tail.append(line)
+            if not self.address and (m := READY.search(line)):
+                self.address = m.group(1)
+                self._ready.set()
+        self._ready.set()  # exited: wake wait_ready
+
+    def wait_ready(self) -> None:
+        if not self._ready.wait(START_TIMEOUT_S) or not self.address:
+            raise RuntimeError(f"{self.name} server did not start:\n" + "".join(self.tail))
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process (all its threads), from /proc/PID/stat."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n" + "".join(self.tail))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Run:
+    server: str
+    round: int
+    ok: int
+    failed: int
+    seconds: float
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_s_per_req: float
+    client_cpu_s_per_req: float
+
+
+async def closed_loop(stubs: list[SetCall], requests: list[Any], concurrency: int) -> tuple[int, list[float]]:
+    """Send `requests` keeping `concurrency` in flight; return (failures, latencies of successes)."""
+    latencies: list[float] = []
+    failed = 0
+    sent = 0
+
+    async def worker(call: SetCall) -> None:
+        nonlocal failed, sent
+        while sent < len(requests):
+            request = requests[sent]
+            sent += 1
+            start = time.perf_counter()
+            try:
+                await call(request, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError:
+                failed += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(worker(stubs[w % len(stubs)]) for w in range(concurrency)))
+    return failed, latencies
+
+
+async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.Namespace) -> Run:
+    server.check_alive()
+    # A local subchannel pool per channel: otherwise equal channels share one connection.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(server.address, options=options) for _ in range(args.conns)]
+    try:
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), START_TIMEOUT_S)
+        stubs: list[SetCall] = [
+            ch.unary_unary(
+                METHOD,
+                request_serializer=kv_pb2.SetRequest.SerializeToString,
+                response_deserializer=kv_pb2.SetResponse.FromString,
+                _registered_method=True,  # as the generated KVStub does
+            )
+            for ch in channels
+        ]
+        await closed_loop(stubs, requests[: args.warmup], args.concurrency)
+        cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        failed, lat = await closed_loop(stubs, requests[args.warmup :], args.concurrency)
+        seconds = time.perf_counter() - t0
+        server_cpu, client_cpu = server.cpu_seconds() - cpu0, time.process_time() - client0
+    finally:
+        for ch in channels:
+            await ch.close()
+    server.check_alive()
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [math.nan] * 99
+    n = args.requests
+    return Run(server.name, rnd, len(lat), failed, seconds, len(lat) / seconds, q[49] * 1e3, q[98] * 1e3,
+               server_cpu / n, client_cpu / n)  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+    def git(*argv: str) -> str:
+        r = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf_version,
+        "commit": commit,
+    }
+
+
+def summarize(runs: list[Run], name: str) -> dict[str, Any]:
+    mine = [r for r in runs if r.server == name]
+    mid = sorted(mine, key=lambda r: r.qps)[(len(mine) - 1) // 2]  # the median round (lower one if even)
+    return {
+        "best_qps": max(r.qps for r in mine),
+        "median_qps": statistics.median(r.qps for r in mine),
+        "p50_ms": mid.p50_ms,
+        "p99_ms": mid.p99_ms,
+        "failed": sum(r.failed for r in mine),
+        "server_cpu_s_per_req": statistics.median(r.server_cpu_s_per_req for r in mine),
+    }
+
+
+ROUND_COLS = (-6, -10, 9, 9, 9, 16, 16, 8)  # widths; negative: left-aligned
+SUMMARY_COLS = (-10, 10, 12, 9, 9, 16, 8)
+
+
+def row(widths: tuple[int, ...], *cells: object) -> str:
+    return "".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+
+async def bench(servers: list[Server], requests: list[Any], args: argparse.Namespace) -> list[Run]:
+    runs: list[Run] = []
+    print(
+        "\n"
+        + row(ROUND_COLS, "round", "server", "QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "cli CPU µs/req", "failed")
+    )
+    for rnd in range(1, args.rounds + 1):
+        for server in servers:  # alternate: reference, fluxkv, reference, fluxkv, ...
+            r = await measure(server, rnd, requests, args)
+            runs.append(r)
+            cpu, cli = r.server_cpu_s_per_req * 1e6, r.client_cpu_s_per_req * 1e6
+            print(row(ROUND_COLS, rnd, r.server, f"{r.qps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{cpu:.1f}",
+                      f"{cli:.1f}", r.failed), flush=True)  # fmt: skip
+    return runs
+
+
+def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> None:
+    ref, kv = summarize(runs, "reference"), summarize(runs, "fluxkv")
+    ratio = kv["median_qps"] / ref["median_qps"]
+    cpu_ratio = kv["server_cpu_s_per_req"] / ref["server_cpu_s_per_req"] if ref["server_cpu_s_per_req"] else None
+    print("\n" + row(SUMMARY_COLS, "server", "best QPS", "median QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "failed"))
+    for name, s in (("reference", ref), ("fluxkv", kv)):
+        cpu = s["server_cpu_s_per_req"] * 1e6
+        print(row(SUMMARY_COLS, name, f"{s['best_qps']:.0f}", f"{s['median_qps']:.0f}", f"{s['p50_ms']:.2f}",
+                  f"{s['p99_ms']:.2f}", f"{cpu:.1f}", s["failed"]))  # fmt: skip
+    print("(p50/p99 of each server's median round; CPU per request: median over rounds)")
+    cpu_text = f"{cpu_ratio:.2f}x the reference's" if cpu_ratio is not None else "n/a"
+    print(f"\nratio fluxkv/reference (median QPS): {ratio:.2f}   fluxkv server CPU per request: {cpu_text}")
+    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end: {info['loadavg_end']} (other work on the machine shows here)")
+    if args.json:
+        line = {
+            "bench": "unary_set",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": info,
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "reference": ref,
+            "fluxkv": kv,
+            "ratio_median_qps": ratio,
+            "ratio_server_cpu_per_req": cpu_ratio,
+            "runs": [asdict(r) for r in runs],
+        }
+        with open(args.json, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Unary Set QPS of a FluxKV node against a no-op grpc.aio server.")
+    p.add_argument("-c", "--concurrency", type=int, default=50, help="requests in flight (default 50)")
+    p.add_argument("-n", "--requests", type=int, default=20000, help="measured requests per round and server")
+    p.add_argument("--warmup", type=int, default=1000, help="unmeasured requests before each measurement")
+    p.add_argument("--conns", type=int, default=1, help="gRPC channels (connections) per server (default 1)")
+    p.add_argument("-r", "--keyspace", type=int, default=10000, help="distinct keys (default 10000)")
+    p.add_argument("-d", "--value-size", type=int, default=100, help="value size in bytes (default 100)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
+    args = p.parse_args()
+    if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
+        p.error("-c, -n, --conns, -r and --rounds must be at least 1, --warmup at least 0")
+
+    rng = random.Random(1)  # the same keys in the same order for every run
+    value = rng.randbytes(args.value_size)
+    keys = [f"bench-{i:08d}" for i in range(args.keyspace)]
+    requests = [kv_pb2.SetRequest(key=rng.choice(keys), value=value) for _ in range(args.warmup + args.requests)]
+    info = machine()
+    print("unary Set: a FluxKV node against a no-op grpc.aio reference, same client, alternating rounds")
+    print(f"machine   {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load {info['loadavg']}")
+    print(f"software  Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
+          f"fluxkv {info['commit']}")  # fmt: skip
+    print(f"settings  {args.requests} requests after {args.warmup} warm-up, {args.concurrency} in flight, "
+          f"{args.conns} connection(s), {args.keyspace} keys, {args.value_size}-byte values, "
+          f"{args.rounds} round(s) per server")  # fmt: skip
+    print("reference bench/noop_server.py: bare grpc.aio server whose Set returns an empty SetResponse")
+    print("client    this process: one asyncio loop, closed loop, on the same machine as both servers")
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop the servers on SIGTERM too
+    servers: list[Server] = []
+    try:
+        servers.append(Server("reference", [sys.executable, str(ROOT / "bench" / "noop_server.py")]))
+        servers.append(Server("fluxkv", [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]))
+        for s in servers:
+            s.wait_ready()
+        runs = asyncio.run(bench(servers, requests, args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as exc:  # a server did not start, died, or never became ready
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for s in servers:
+            s.stop()
+    report(info, args, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
