@@ -81,6 +81,14 @@ class ScanPosition(NamedTuple):
     after: str | None
 
 
+def _refusal(old: Entry | None, expect_revision: int | None) -> Outcome | None:
+    """The outcome of a failed expect_revision condition; None if it holds."""
+    if expect_revision is None:
+        return None
+    current = old.mod_revision if old else 0
+    return None if current == expect_revision else Outcome(False, current, old is not None)
+
+
 class _Shard:
     __slots__ = ("data", "deadlines", "expired", "lock", "nbytes", "stale")
 
@@ -161,10 +169,8 @@ class Store:
         with shard.lock:
             now = self._clock()
             old = self._live(index, shard, key, now)
-            if expect_revision is not None:
-                current = old.mod_revision if old else 0
-                if current != expect_revision:
-                    return Outcome(False, current, old is not None)
+            if (refused := _refusal(old, expect_revision)) is not None:
+                return refused
             expires_at = now + ttl_ms if ttl_ms else 0
             revision = self._commit(index, Op.SET, key, value, expires_at, now)
             shard.data[key] = Entry(value, revision, expires_at)
@@ -185,8 +191,8 @@ class Store:
         with shard.lock:
             now = self._clock()
             old = self._live(index, shard, key, now)
-            if expect_revision is not None and (old.mod_revision if old else 0) != expect_revision:
-                return Outcome(False, old.mod_revision if old else 0, old is not None)
+            if (refused := _refusal(old, expect_revision)) is not None:
+                return refused
             if old is None:
                 return Outcome(True, self._revision, False)
             revision = self._commit(index, Op.DELETE, key, None, 0, now)
