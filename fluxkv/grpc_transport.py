@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -88,14 +89,35 @@ def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, 
         response = message_factory.GetMessageClass(method.output_type)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             _unary(f"{service}/{name}", fn),
-            request_deserializer=request.FromString,
+            request_deserializer=_parser(request),
             response_serializer=response.SerializeToString,
         )
     return handlers
 
 
+class _Malformed:
+    """A request that did not parse: answered INVALID_ARGUMENT, not grpcio's UNKNOWN."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parser(request: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    name = request.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | _Malformed:
+        try:
+            return request.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(f"the request is not a valid {name}: {exc}")
+
+    return parse
+
+
 def _unary(path: str, fn: Handler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if type(request) is _Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await fn(request)
         except KVError as exc:

@@ -251,6 +251,18 @@ async def test_bad_input_is_invalid_argument_and_the_node_keeps_serving(
     assert info.key_count == 1  # a refused batch wrote nothing
 
 
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [(b"\x0a\x02\xff\xfe", "String field had bad UTF-8"), (b"\xff\xff\xff", "Wire format was corrupt")],
+)
+async def test_malformed_request_is_invalid_argument(
+    channel: grpc.aio.Channel, kv: kv_pb2_grpc.KVStub, payload: bytes, fragment: str
+) -> None:
+    raw_get = channel.unary_unary("/fluxkv.v1.KV/Get", request_serializer=bytes, response_deserializer=bytes)
+    await expect_error(raw_get(payload), grpc.StatusCode.INVALID_ARGUMENT, "not a valid fluxkv.v1.GetRequest", fragment)
+    assert (await kv.Set(pb.SetRequest(key="k", value=b"v"))).revision == 1
+
+
 async def test_cursor_from_another_prefix_is_refused(kv: kv_pb2_grpc.KVStub) -> None:
     await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"a{i}") for i in range(20)]))
     page = await kv.Scan(pb.ScanRequest(prefix="a", limit=2))
