@@ -244,6 +244,7 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
             "ratio_server_cpu_per_req": cpu_ratio,
             "runs": [asdict(r) for r in runs],
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             f.write(json.dumps(line) + "\n")
 
