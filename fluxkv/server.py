@@ -84,7 +84,7 @@ class Node:
         log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
 
     async def wait_failed(self) -> None:
-        """Return only if a background task ended on its own (it must not)."""
+        """Wait until a background task ends on its own (it must not), then raise."""
         assert self._expiry_task is not None
         await asyncio.wait([self._expiry_task])
         self._expiry_task.result()
