@@ -81,10 +81,8 @@ class ScanPosition(NamedTuple):
     after: str | None
 
 
-def _refusal(old: Entry | None, expect_revision: int | None) -> Outcome | None:
+def _refusal(old: Entry | None, expect_revision: int) -> Outcome | None:
     """The outcome of a failed expect_revision condition; None if it holds."""
-    if expect_revision is None:
-        return None
     current = old.mod_revision if old else 0
     return None if current == expect_revision else Outcome(False, current, old is not None)
 
@@ -169,7 +167,7 @@ class Store:
         with shard.lock:
             now = self._clock()
             old = self._live(index, shard, key, now)
-            if (refused := _refusal(old, expect_revision)) is not None:
+            if expect_revision is not None and (refused := _refusal(old, expect_revision)) is not None:
                 return refused
             expires_at = now + ttl_ms if ttl_ms else 0
             revision = self._commit(index, Op.SET, key, value, expires_at, now)
@@ -191,7 +189,7 @@ class Store:
         with shard.lock:
             now = self._clock()
             old = self._live(index, shard, key, now)
-            if (refused := _refusal(old, expect_revision)) is not None:
+            if expect_revision is not None and (refused := _refusal(old, expect_revision)) is not None:
                 return refused
             if old is None:
                 return Outcome(True, self._revision, False)
