@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.proto import compat_kv_pb2 as cpb
+from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
-from fluxkv.proto import kv_pb2_grpc
 from fluxkv.server import Node
 
 from .conftest import settings
@@ -331,29 +331,31 @@ async def test_scan_pages_stop_at_batch_bytes(small_node: kv_pb2_grpc.KVStub) ->
 # -- service.KVService (Flux-KV) ---------------------------------------------
 
 
-async def test_compat_set_get_del(compat: object, kv: kv_pb2_grpc.KVStub) -> None:
+async def test_compat_set_get_del(compat: compat_kv_pb2_grpc.KVServiceStub, kv: kv_pb2_grpc.KVStub) -> None:
     stub = compat
-    assert (await stub.Set(cpb.SetRequest(key="name", value="flüx"))).success  # type: ignore[attr-defined]
-    got = await stub.Get(cpb.GetRequest(key="name"))  # type: ignore[attr-defined]
+    assert (await stub.Set(cpb.SetRequest(key="name", value="flüx"))).success
+    got = await stub.Get(cpb.GetRequest(key="name"))
     assert (got.value, got.found) == ("flüx", True)
     native = await kv.Get(pb.GetRequest(key="name"))
     assert native.value == "flüx".encode()
-    assert (await stub.Del(cpb.DelRequest(key="name"))).success  # type: ignore[attr-defined]
-    assert (await stub.Del(cpb.DelRequest(key="name"))).success  # type: ignore[attr-defined]
-    missing = await stub.Get(cpb.GetRequest(key="name"))  # type: ignore[attr-defined]
+    assert (await stub.Del(cpb.DelRequest(key="name"))).success
+    assert (await stub.Del(cpb.DelRequest(key="name"))).success
+    missing = await stub.Get(cpb.GetRequest(key="name"))
     assert (missing.value, missing.found) == ("", False)
 
 
-async def test_compat_refuses_binary_values_and_bad_keys(compat: object, kv: kv_pb2_grpc.KVStub) -> None:
+async def test_compat_refuses_binary_values_and_bad_keys(
+    compat: compat_kv_pb2_grpc.KVServiceStub, kv: kv_pb2_grpc.KVStub
+) -> None:
     await kv.Set(pb.SetRequest(key="bin", value=b"\xff\xfe"))
     await expect_error(
-        compat.Get(cpb.GetRequest(key="bin")),  # type: ignore[attr-defined]
+        compat.Get(cpb.GetRequest(key="bin")),
         grpc.StatusCode.FAILED_PRECONDITION,
         "not valid UTF-8",
         "fluxkv.v1.KV/Get",
     )
     await expect_error(
-        compat.Set(cpb.SetRequest(key="", value="v")),  # type: ignore[attr-defined]
+        compat.Set(cpb.SetRequest(key="", value="v")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "key must not be empty",
     )
