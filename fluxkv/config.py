@@ -39,6 +39,20 @@ class Settings:
     expire_batch: int = 2000
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
+    rabbitmq_url: str = ""
+    cdc_exchange: str = "flux_kv_events"
+    cdc_exchange_type: str = "fanout"
+    cdc_queue: str = "flux_cdc_file_logger"
+    cdc_queue_events: int = 100_000
+    cdc_queue_bytes: int = 256 * MIB
+    cdc_full_policy: str = "block"
+    cdc_block_timeout_ms: int = 5000
+    cdc_batch_bytes: int = 64 * KIB
+    cdc_linger_ms: int = 20
+    cdc_max_in_flight: int = 8
+    cdc_flush_timeout_s: float = 10.0
+    watch_history: int = 10_000
+    watch_history_bytes: int = 64 * MIB
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,87 @@ SETTINGS: tuple[Setting, ...] = (
         "Log level: debug, info, warning or error.",
         _choice("debug", "info", "warning", "error"),
     ),
+    Setting(
+        "rabbitmq_url",
+        "FLUX_RABBITMQ_URL",
+        "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/; empty turns CDC off.",
+        _text,
+    ),
+    Setting("cdc_exchange", "FLUX_CDC_EXCHANGE", "Exchange the events are published to (declared durable).", _host),
+    Setting(
+        "cdc_exchange_type",
+        "FLUX_CDC_EXCHANGE_TYPE",
+        "Type of that exchange: fanout, topic, direct or headers. The routing key is the node id.",
+        _choice("fanout", "topic", "direct", "headers"),
+    ),
+    Setting(
+        "cdc_queue",
+        "FLUX_CDC_QUEUE",
+        "Durable queue the node declares and binds to the exchange, so that events published before any consumer "
+        "starts are kept; empty declares none.",
+        _text,
+    ),
+    Setting(
+        "cdc_queue_events",
+        "FLUX_CDC_QUEUE_EVENTS",
+        "Most events held in memory between a write and the broker's confirm.",
+        _int(1),
+    ),
+    Setting(
+        "cdc_queue_bytes",
+        "FLUX_CDC_QUEUE_BYTES",
+        "Most key and value bytes held in memory between a write and the broker's confirm.",
+        _int(1),
+    ),
+    Setting(
+        "cdc_full_policy",
+        "FLUX_CDC_FULL_POLICY",
+        "When the CDC queue is full: block (writes wait for room, then fail with UNAVAILABLE) or drop (writes "
+        "succeed, their events are dropped and counted).",
+        _choice("block", "drop"),
+    ),
+    Setting(
+        "cdc_block_timeout_ms",
+        "FLUX_CDC_BLOCK_TIMEOUT_MS",
+        "With block: longest a write waits for room, in milliseconds (less when the call's deadline is nearer).",
+        _int(0),
+    ),
+    Setting(
+        "cdc_batch_bytes",
+        "FLUX_CDC_BATCH_BYTES",
+        "A message carries events up to this many bytes of JSON (a larger event travels alone).",
+        _int(1),
+    ),
+    Setting(
+        "cdc_linger_ms",
+        "FLUX_CDC_LINGER_MS",
+        "How long a batch may wait to fill before it is published anyway, in milliseconds.",
+        _int(0),
+    ),
+    Setting(
+        "cdc_max_in_flight",
+        "FLUX_CDC_MAX_IN_FLIGHT",
+        "Messages published and not yet confirmed at once.",
+        _int(1),
+    ),
+    Setting(
+        "cdc_flush_timeout_s",
+        "FLUX_CDC_FLUSH_TIMEOUT_S",
+        "At shutdown, seconds the publisher gets to publish and confirm every queued event.",
+        _float(0.0),
+    ),
+    Setting(
+        "watch_history",
+        "FLUX_WATCH_HISTORY",
+        "Most recent changes kept in memory for Watch to start from.",
+        _int(1),
+    ),
+    Setting(
+        "watch_history_bytes",
+        "FLUX_WATCH_HISTORY_BYTES",
+        "Most key and value bytes of those changes.",
+        _int(1),
+    ),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
@@ -173,12 +268,18 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Setting
             raise ConfigError(f"invalid {source}: {exc}") from None
     settings = Settings(**values)
     _check_consistent(settings)
+    _check_cdc(settings)
     return settings
+
+
+# Variables that only other FluxKV programs read, so a node given the same
+# environment (as in deploy/) does not call them unknown.
+OTHER_PROGRAMS_VARIABLES = {"FLUX_CDC_PREFETCH": "fluxkv-cdc"}
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """FLUX_* variables that no setting reads (typos, or features not built yet)."""
-    known = {s.env for s in SETTINGS}
+    known = {s.env for s in SETTINGS} | set(OTHER_PROGRAMS_VARIABLES)
     return sorted(k for k in environ if k.startswith("FLUX_") and k not in known)
 
 
@@ -196,6 +297,30 @@ def _check_consistent(s: Settings) -> None:
             f"FLUX_MAX_MESSAGE_BYTES ({s.max_message_bytes}) must be at least {needed} to carry a full batch "
             f"(FLUX_MAX_BATCH_BYTES {s.max_batch_bytes} plus framing for FLUX_MAX_BATCH_ITEMS {s.max_batch_items})"
         )
+
+
+def _check_cdc(s: Settings) -> None:
+    if s.cdc_queue_events < s.max_batch_items:
+        raise ConfigError(
+            f"FLUX_CDC_QUEUE_EVENTS ({s.cdc_queue_events}) must be at least FLUX_MAX_BATCH_ITEMS "
+            f"({s.max_batch_items}) so that the events of one MultiSet fit the queue"
+        )
+    if s.cdc_queue_bytes < s.max_batch_bytes:
+        raise ConfigError(
+            f"FLUX_CDC_QUEUE_BYTES ({s.cdc_queue_bytes}) must be at least FLUX_MAX_BATCH_BYTES "
+            f"({s.max_batch_bytes}) so that the events of one MultiSet fit the queue"
+        )
+    if s.rabbitmq_url and not s.rabbitmq_url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"FLUX_RABBITMQ_URL must start with amqp:// or amqps://, got {redact_url(s.rabbitmq_url)!r}")
+
+
+def redact_url(url: str) -> str:
+    """`url` without the password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str], parser: argparse.ArgumentParser) -> Settings:

@@ -14,6 +14,8 @@ class ErrorKind(enum.Enum):
     ABORTED = "aborted"  # an expect_revision condition failed: read and retry
     FAILED_PRECONDITION = "failed precondition"  # the data cannot be served this way
     RESOURCE_EXHAUSTED = "resource exhausted"  # the answer would exceed a size limit
+    UNAVAILABLE = "unavailable"  # the node cannot take the call now: retry later
+    OUT_OF_RANGE = "out of range"  # a revision the node no longer holds
 
 
 class KVError(Exception):

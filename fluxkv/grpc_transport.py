@@ -1,4 +1,5 @@
-"""The grpcio (asyncio) transport: serves the handlers' plain async functions,
+"""The grpcio (asyncio) transport: serves the handlers' plain async functions
+(and, for server-streaming methods, functions returning async generators),
 the standard health service and server reflection.
 
 Request and response types come from the services' descriptors; each
@@ -7,9 +8,11 @@ KVError kind maps to its status code here and nowhere else.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
@@ -17,17 +20,24 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fluxkv import deadline
 from fluxkv.errors import ErrorKind, KVError
 
 log = logging.getLogger("fluxkv.grpc")
 
-Handler = Callable[[Any], Awaitable[Any]]
+UnaryHandler = Callable[[Any], Awaitable[Any]]
+# Checks the request and sets the stream up when called, before any iteration:
+# the transport sends the call's headers as soon as it returns.
+StreamHandler = Callable[[Any], AsyncGenerator[Any, None]]
+Handler = UnaryHandler | StreamHandler
 
 STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 
@@ -85,13 +95,26 @@ def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, 
     handlers = {}
     for name, fn in methods.items():
         method = descriptor.methods_by_name[name]
+        path = f"{service}/{name}"
+        if method.client_streaming:
+            raise ValueError(f"{path}: client-streaming methods are not supported")
+        if method.server_streaming == inspect.iscoroutinefunction(fn):
+            needed = "a function returning an async generator" if method.server_streaming else "an async function"
+            raise ValueError(f"{path}: the proto's method needs {needed} as its handler")
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _unary(f"{service}/{name}", fn),
-            request_deserializer=_parser(request),
-            response_serializer=response.SerializeToString,
-        )
+        if method.server_streaming:
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _stream(path, cast(StreamHandler, fn)),
+                request_deserializer=_parser(request),
+                response_serializer=response.SerializeToString,
+            )
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _unary(path, cast(UnaryHandler, fn)),
+                request_deserializer=_parser(request),
+                response_serializer=response.SerializeToString,
+            )
     return handlers
 
 
@@ -114,12 +137,33 @@ def _parser(request: type[Message]) -> Callable[[bytes], Message | _Malformed]:
     return parse
 
 
-def _unary(path: str, fn: Handler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+def _unary(path: str, fn: UnaryHandler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if type(request) is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        deadline.time_remaining.set(context.time_remaining)
         try:
             return await fn(request)
+        except KVError as exc:
+            await context.abort(STATUS_OF[exc.kind], exc.message)
+        except Exception as exc:
+            log.exception("unexpected error in %s", path)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+
+    return call
+
+
+def _stream(path: str, fn: StreamHandler) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        if type(request) is _Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        deadline.time_remaining.set(context.time_remaining)
+        try:
+            async with aclosing(fn(request)) as responses:
+                # The handler accepted the request and set the stream up: say so.
+                await context.send_initial_metadata(())
+                async for response in responses:
+                    yield response
         except KVError as exc:
             await context.abort(STATUS_OF[exc.kind], exc.message)
         except Exception as exc:

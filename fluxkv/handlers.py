@@ -1,4 +1,5 @@
-"""Request handling: one plain async function per RPC, protobuf in, protobuf out.
+"""Request handling: one plain async function per RPC, protobuf in, protobuf out
+(for the streaming Watch, a function that returns an async generator).
 
 Handlers validate, translate and delegate to the store; they hold no state
 and know nothing of the transport. A failure is raised as KVError, which the
@@ -7,15 +8,21 @@ transport maps to a status code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Protocol
 
-from fluxkv import scan_cursor
+from fluxkv import deadline, scan_cursor
+from fluxkv.cdc_publisher import CdcCounters
+from fluxkv.cdc_queue import CdcQueue
+from fluxkv.changes import ChangeRecord, Op
 from fluxkv.config import Settings
 from fluxkv.errors import ErrorKind, KVError, invalid, shown
 from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.store import NUM_SHARDS, Store
+from fluxkv.watch import WatchHub
 
 DEFAULT_SCAN_LIMIT = 100
 
@@ -30,6 +37,7 @@ class NodeStatus(Protocol):
     def uptime_seconds(self) -> float: ...
     def rss_bytes(self) -> int: ...
     def subsystems(self) -> Sequence[tuple[str, str, str]]: ...
+    def cdc_counters(self) -> CdcCounters | None: ...
 
 
 class Limits:
@@ -54,6 +62,10 @@ class Limits:
                 raise invalid(
                     f"{where}key is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)"
                 )
+
+    def prefix(self, prefix: str) -> None:
+        if len(prefix) > self._short_key and (size := len(prefix.encode())) > self.max_key:
+            raise invalid(f"prefix is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)")
 
     def value(self, size: int, where: str = "") -> None:
         if size > self.max_value:
@@ -81,12 +93,27 @@ class Limits:
 
 
 class KVHandlers:
-    """fluxkv.v1.KV"""
+    """fluxkv.v1.KV
 
-    def __init__(self, store: Store, settings: Settings, node: NodeStatus) -> None:
+    `gate`: with CDC's "block" policy, the queue every write must first find
+    room in (see CdcQueue.admit); None otherwise. `watch_hub`: the store's
+    recent changes, which Watch streams from.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        node: NodeStatus,
+        gate: CdcQueue | None = None,
+        *,
+        watch_hub: WatchHub,
+    ) -> None:
         self._store = store
         self._limits = Limits(settings)
         self._node = node
+        self._gate = gate
+        self._watch_hub = watch_hub
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         self._limits.key(request.key)
@@ -97,6 +124,8 @@ class KVHandlers:
 
     async def set(self, request: pb.SetRequest) -> pb.SetResponse:
         expect = self._limits.set_request(request)
+        if self._gate is not None:
+            await self._gate.admit(1, len(request.key) + len(request.value), deadline.time_remaining.get())
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -109,6 +138,8 @@ class KVHandlers:
             expect = request.expect_revision
             if expect <= 0:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
+        if self._gate is not None:
+            await self._gate.admit(1, len(request.key), deadline.time_remaining.get())
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -151,6 +182,8 @@ class KVHandlers:
                 f"MultiSet carries {size} bytes of keys and values, over the limit of "
                 f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES)"
             )
+        if self._gate is not None:
+            await self._gate.admit(len(items), size, deadline.time_remaining.get())
         results = []
         for item, expect in zip(items, expects, strict=True):
             outcome = self._store.set(item.key, item.value, item.ttl_ms, expect)
@@ -175,6 +208,8 @@ class KVHandlers:
         counts = self._store.shard_key_counts()
         total = sum(counts)
         limits = self._limits
+        counters = self._node.cdc_counters()
+        cdc = pb.CdcStatus(enabled=True, **dataclasses.asdict(counters)) if counters else pb.CdcStatus()
         return pb.InfoResponse(
             node_id=self._node.node_id,
             address=self._node.address,
@@ -195,20 +230,37 @@ class KVHandlers:
                 max_message_bytes=limits.max_message,
             ),
             subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
+            cdc=cdc,
+            epoch=self._store.epoch,
         )
+
+    def watch(self, request: pb.WatchRequest) -> AsyncGenerator[pb.WatchResponse, None]:
+        """Check the request and fix where the watch starts now, so that the
+        transport's headers tell the caller it is live; changes follow."""
+        self._limits.prefix(request.prefix)
+        if request.start_revision < 0:
+            raise invalid(
+                f"start_revision must be 0 (from the next change) or a revision above 0, got {request.start_revision}"
+            )
+        limits = self._limits
+        batches = self._watch_hub.watch(request.prefix, request.start_revision, limits.max_items, limits.max_batch)
+        return _watch_responses(batches)
 
 
 class CompatHandlers:
     """service.KVService, Flux-KV's wire API."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, gate: CdcQueue | None = None) -> None:
         self._store = store
         self._limits = Limits(settings)
+        self._gate = gate
 
     async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
         self._limits.key(request.key)
         value = request.value.encode()
         self._limits.value(len(value))
+        if self._gate is not None:
+            await self._gate.admit(1, len(request.key) + len(value), deadline.time_remaining.get())
         self._store.set(request.key, value)
         return compat_pb2.SetResponse(success=True)
 
@@ -229,6 +281,8 @@ class CompatHandlers:
 
     async def delete(self, request: compat_pb2.DelRequest) -> compat_pb2.DelResponse:
         self._limits.key(request.key)
+        if self._gate is not None:
+            await self._gate.admit(1, len(request.key), deadline.time_remaining.get())
         self._store.delete(request.key)
         return compat_pb2.DelResponse(success=True)
 
@@ -241,3 +295,27 @@ def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
     else:
         state = f"is at revision {current}, not the expected {expected}"
     return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}")
+
+
+_EVENT_OPS = {Op.SET: pb.Event.OP_SET, Op.DELETE: pb.Event.OP_DELETE, Op.EXPIRE: pb.Event.OP_EXPIRE}
+
+
+async def _watch_responses(
+    batches: AsyncGenerator[list[ChangeRecord], None],
+) -> AsyncGenerator[pb.WatchResponse, None]:
+    async with aclosing(batches):
+        async for batch in batches:
+            yield pb.WatchResponse(
+                events=[
+                    pb.Event(
+                        revision=r.revision,
+                        op=_EVENT_OPS[r.op],
+                        key=r.key,
+                        value=r.value or b"",
+                        expires_at_ms=r.expires_at_ms,
+                        ts_ms=r.ts_ms,
+                        shard=r.shard,
+                    )
+                    for r in batch
+                ]
+            )

@@ -14,11 +14,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fluxkv import __version__, config
+from fluxkv import __version__, config, logs
+from fluxkv.cdc_publisher import CdcCounters, CdcPublisher
+from fluxkv.cdc_queue import CdcQueue
 from fluxkv.expiry import ActiveExpiry
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers
 from fluxkv.store import Store
+from fluxkv.watch import WatchHub
 
 log = logging.getLogger("fluxkv.server")
 
@@ -30,13 +33,30 @@ class Node:
         self.settings = settings
         self.version = __version__
         self.store = Store()
+        # Attached before any write, so that its history starts at revision 1.
+        self.watch_hub = WatchHub(settings.watch_history, settings.watch_history_bytes)
+        self.store.attach_sink(self.watch_hub)
         self.node_id = settings.node_id
         self.address = ""
         self._expiry = ActiveExpiry(self.store, settings.expire_interval_ms, settings.expire_batch)
         self._expiry_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
-        kv = KVHandlers(self.store, settings, self)
-        compat = CompatHandlers(self.store, settings)
+        self.cdc: CdcPublisher | None = None
+        self._cdc_task: asyncio.Task[None] | None = None
+        gate = None
+        if settings.rabbitmq_url:
+            queue = CdcQueue(
+                settings.cdc_queue_events,
+                settings.cdc_queue_bytes,
+                settings.cdc_full_policy,
+                settings.cdc_block_timeout_ms,
+            )
+            self.store.attach_sink(queue)
+            self.cdc = CdcPublisher(queue, settings)
+            if settings.cdc_full_policy == "block":
+                gate = queue
+        kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub)
+        compat = CompatHandlers(self.store, settings, gate)
         self._transport = GrpcTransport(
             {
                 "fluxkv.v1.KV": {
@@ -47,6 +67,7 @@ class Node:
                     "MultiSet": kv.multi_set,
                     "Scan": kv.scan,
                     "Info": kv.info,
+                    "Watch": kv.watch,
                 },
                 "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
             },
@@ -65,30 +86,66 @@ class Node:
         self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
         await self._transport.start()
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
+        cdc = "no CDC publishing"
+        if self.cdc is not None:
+            self._cdc_task = asyncio.create_task(self.cdc.run(self.node_id, self.store.epoch), name="fluxkv-cdc")
+            cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {s.cdc_full_policy} when full)"
         self._started = time.monotonic()
         log.info(
-            "fluxkv %s node %s serving on %s (standalone: no etcd registration, no CDC publishing, no persistence)",
+            "fluxkv %s node %s serving on %s (no etcd registration, %s, no persistence)",
             self.version,
             self.node_id,
             self.address,
+            cdc,
         )
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish, stop background tasks."""
         grace = self.settings.shutdown_grace_s
-        log.info("shutdown: refusing new calls, in-flight calls have %.1f s to finish", grace)
+        log.info(
+            "shutdown: ending %d watches, refusing new calls, in-flight calls have %.1f s to finish",
+            self.watch_hub.watchers,
+            grace,
+        )
+        # Watches never finish on their own: end them now, not after the grace period.
+        self.watch_hub.close()
         await self._transport.stop(grace)
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
+        if self.cdc is not None and self._cdc_task is not None:
+            await self._flush_cdc(self.cdc, self._cdc_task)
         log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
+
+    async def _flush_cdc(self, cdc: CdcPublisher, task: asyncio.Task[None]) -> None:
+        """Publish and confirm every queued event, within FLUX_CDC_FLUSH_TIMEOUT_S."""
+        timeout = self.settings.cdc_flush_timeout_s
+        held = cdc.counters().queue_depth
+        if held:
+            log.info("shutdown: publishing %d CDC events, %.1f s at most", held, timeout)
+        flushed = await cdc.flush(timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        c = cdc.counters()
+        if flushed:
+            log.info("shutdown: the broker confirmed every CDC event, up to revision %d", c.confirmed_revision)
+        else:
+            log.error(
+                "shutdown: %d CDC events above revision %d were not confirmed within %.1f s "
+                "(FLUX_CDC_FLUSH_TIMEOUT_S) and are lost",
+                c.queue_depth,
+                c.confirmed_revision,
+                timeout,
+            )
 
     async def wait_failed(self) -> None:
         """Wait until a background task ends on its own (it must not), then raise."""
         assert self._expiry_task is not None
-        await asyncio.wait([self._expiry_task])
-        self._expiry_task.result()
-        raise RuntimeError("the active expiry task stopped")
+        tasks = [t for t in (self._expiry_task, self._cdc_task) if t is not None]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError(f"background task {next(iter(done)).get_name()} stopped")
 
     # -- NodeStatus, for Info ---------------------------------------------
 
@@ -103,7 +160,17 @@ class Node:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def subsystems(self) -> list[tuple[str, str, str]]:
-        return [("active_expiry", "running", self._expiry.describe())]
+        cdc = ("cdc", "disabled", "FLUX_RABBITMQ_URL is empty: changes are not published")
+        if self.cdc is not None:
+            cdc = ("cdc", self.cdc.connection, self.cdc.describe())
+        return [
+            ("active_expiry", "running", self._expiry.describe()),
+            cdc,
+            ("watch", "running", self.watch_hub.describe()),
+        ]
+
+    def cdc_counters(self) -> CdcCounters | None:
+        return self.cdc.counters() if self.cdc is not None else None
 
 
 async def serve(settings: config.Settings) -> int:
@@ -146,11 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     config.add_arguments(parser)
     settings = config.parse_args(argv, os.environ, parser)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level)
     for name in config.unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting", name)
     sys.exit(asyncio.run(serve(settings)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import secrets
 import threading
 import time
 import zlib
@@ -104,6 +105,9 @@ class _Shard:
 class Store:
     def __init__(self, clock: Callable[[], int] = wall_clock_ms) -> None:
         self._clock = clock
+        # Names this sequence of revisions: a store that starts empty starts a
+        # new epoch at revision 1, so (epoch, revision) is unique for a node.
+        self.epoch = secrets.token_hex(8)
         self._shards = [_Shard() for _ in range(NUM_SHARDS)]
         self._seq_lock = threading.Lock()
         self._revision = 0

@@ -10,16 +10,21 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
 import grpc
 import pytest
 
 from fluxkv import config
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.server import Node
+
+from .rabbitmq_broker import rabbit_broker  # noqa: F401 (a fixture for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"serving on (\S+:\d+)")
@@ -126,3 +131,25 @@ def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator
 def server() -> Iterator[ServerProcess]:
     with server_process() as s:
         yield s
+
+
+BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass
+class Names:
+    exchange: str
+    queue: str
+
+
+@pytest.fixture
+async def names() -> AsyncIterator[Names]:
+    """An exchange and a queue of this test's own on the shared broker."""
+    tag = uuid.uuid4().hex[:12]
+    n = Names(f"fluxkv-test-{tag}", f"fluxkv-test-{tag}")
+    yield n
+    connection = await aio_pika.connect(BROKER)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(n.queue)
+        await channel.exchange_delete(n.exchange)

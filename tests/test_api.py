@@ -199,7 +199,11 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> No
     assert info.shards.shards == 256 and info.shards.mean_keys == pytest.approx(600 / 256)
     assert info.shards.min_keys <= info.shards.mean_keys <= info.shards.max_keys
     assert info.limits.max_key_bytes == 4096 and info.limits.max_batch_items == 1000
-    assert [(s.name, s.state) for s in info.subsystems] == [("active_expiry", "running")]
+    assert [(s.name, s.state) for s in info.subsystems] == [
+        ("active_expiry", "running"),
+        ("cdc", "disabled"),
+        ("watch", "running"),
+    ]
 
 
 # -- bad input ---------------------------------------------------------------

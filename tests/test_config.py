@@ -46,7 +46,7 @@ def test_invalid_values_name_the_setting(flags: dict[str, str], env: dict[str, s
 
 
 def test_unknown_flux_variables_are_listed() -> None:
-    env = {"FLUX_SERVER_PORT": "1", "FLUX_SERVR_PORT": "2", "HOME": "/root"}
+    env = {"FLUX_SERVER_PORT": "1", "FLUX_SERVR_PORT": "2", "FLUX_CDC_PREFETCH": "10", "HOME": "/root"}
     assert config.unknown_variables(env) == ["FLUX_SERVR_PORT"]
 
 

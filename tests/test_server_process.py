@@ -18,7 +18,7 @@ import pytest
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
-from .conftest import ROOT, ServerProcess, server_process
+from .conftest import BROKER, ROOT, Names, ServerProcess, server_process
 
 SERVER = [sys.executable, str(ROOT / "cmd" / "fluxkv-server")]
 
@@ -29,8 +29,17 @@ def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 
 def test_starts_standalone_and_says_so(server: ServerProcess) -> None:
-    assert "standalone: no etcd registration, no CDC publishing, no persistence" in server.log
+    assert "(no etcd registration, no CDC publishing, no persistence)" in server.log
     assert server.address.startswith("127.0.0.1:")
+
+
+def test_with_cdc_it_says_where_it_publishes_without_the_password(names: Names) -> None:
+    env = {"FLUX_RABBITMQ_URL": BROKER, "FLUX_CDC_EXCHANGE": names.exchange, "FLUX_CDC_QUEUE": names.queue}
+    with server_process(env=env) as server:
+        assert "CDC to amqp://guest:***@127.0.0.1:5672/ (policy block when full)" in server.log
+        assert server.stop() == 0
+    assert "the broker confirmed every CDC event" in server.log
+    assert "guest:guest" not in server.log
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -88,6 +97,17 @@ def test_graceful_shutdown_under_load_loses_no_acknowledged_write(server: Server
         ([], {"FLUX_LOG_LEVEL": "loud"}, "invalid FLUX_LOG_LEVEL: expected one of debug, info, warning, error"),
         ([], {"FLUX_SHUTDOWN_GRACE_S": "soon"}, "invalid FLUX_SHUTDOWN_GRACE_S: expected a number, got 'soon'"),
         ([], {"FLUX_MAX_MESSAGE_BYTES": "1000"}, "FLUX_MAX_MESSAGE_BYTES (1000) must be at least"),
+        (
+            [],
+            {"FLUX_RABBITMQ_URL": "http://u:secret@h/"},
+            "FLUX_RABBITMQ_URL must start with amqp:// or amqps://, got 'http://u:***@h/'",
+        ),
+        ([], {"FLUX_CDC_FULL_POLICY": "wait"}, "invalid FLUX_CDC_FULL_POLICY: expected one of block, drop, got 'wait'"),
+        (
+            [],
+            {"FLUX_CDC_QUEUE_EVENTS": "10"},
+            "FLUX_CDC_QUEUE_EVENTS (10) must be at least FLUX_MAX_BATCH_ITEMS",
+        ),
     ],
 )
 def test_invalid_setting_is_refused_at_start_with_its_name(args: list[str], env: dict[str, str], message: str) -> None:

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -167,7 +168,7 @@ class Subsystem(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("node_id", "address", "version", "revision", "key_count", "data_bytes", "rss_bytes", "uptime_seconds", "shards", "limits", "subsystems")
+    __slots__ = ("node_id", "address", "version", "revision", "key_count", "data_bytes", "rss_bytes", "uptime_seconds", "shards", "limits", "subsystems", "cdc", "epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +180,8 @@ class InfoResponse(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SUBSYSTEMS_FIELD_NUMBER: _ClassVar[int]
+    CDC_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     version: str
@@ -190,4 +193,78 @@ class InfoResponse(_message.Message):
     shards: ShardSummary
     limits: Limits
     subsystems: _containers.RepeatedCompositeFieldContainer[Subsystem]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., key_count: _Optional[int] = ..., data_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., shards: _Optional[_Union[ShardSummary, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., subsystems: _Optional[_Iterable[_Union[Subsystem, _Mapping]]] = ...) -> None: ...
+    cdc: CdcStatus
+    epoch: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., key_count: _Optional[int] = ..., data_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., shards: _Optional[_Union[ShardSummary, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., subsystems: _Optional[_Iterable[_Union[Subsystem, _Mapping]]] = ..., cdc: _Optional[_Union[CdcStatus, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class CdcStatus(_message.Message):
+    __slots__ = ("enabled", "connection", "full_policy", "queued", "published", "confirmed", "republished", "dropped", "queue_depth", "queue_bytes", "writes_delayed", "writes_refused", "confirmed_revision")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    FULL_POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    REPUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITES_DELAYED_FIELD_NUMBER: _ClassVar[int]
+    WRITES_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    connection: str
+    full_policy: str
+    queued: int
+    published: int
+    confirmed: int
+    republished: int
+    dropped: int
+    queue_depth: int
+    queue_bytes: int
+    writes_delayed: int
+    writes_refused: int
+    confirmed_revision: int
+    def __init__(self, enabled: _Optional[bool] = ..., connection: _Optional[str] = ..., full_policy: _Optional[str] = ..., queued: _Optional[int] = ..., published: _Optional[int] = ..., confirmed: _Optional[int] = ..., republished: _Optional[int] = ..., dropped: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_bytes: _Optional[int] = ..., writes_delayed: _Optional[int] = ..., writes_refused: _Optional[int] = ..., confirmed_revision: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("prefix", "start_revision")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    start_revision: int
+    def __init__(self, prefix: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("revision", "op", "key", "value", "expires_at_ms", "ts_ms", "shard")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OP_UNSPECIFIED: _ClassVar[Event.Op]
+        OP_SET: _ClassVar[Event.Op]
+        OP_DELETE: _ClassVar[Event.Op]
+        OP_EXPIRE: _ClassVar[Event.Op]
+    OP_UNSPECIFIED: Event.Op
+    OP_SET: Event.Op
+    OP_DELETE: Event.Op
+    OP_EXPIRE: Event.Op
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    TS_MS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    op: Event.Op
+    key: str
+    value: bytes
+    expires_at_ms: int
+    ts_ms: int
+    shard: int
+    def __init__(self, revision: _Optional[int] = ..., op: _Optional[_Union[Event.Op, str]] = ..., key: _Optional[str] = ..., value: _Optional[bytes] = ..., expires_at_ms: _Optional[int] = ..., ts_ms: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class WatchResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...

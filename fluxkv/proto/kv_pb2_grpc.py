@@ -69,6 +69,11 @@ class KVStub:
                 request_serializer=fluxkv_dot_proto_dot_kv__pb2.InfoRequest.SerializeToString,
                 response_deserializer=fluxkv_dot_proto_dot_kv__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/fluxkv.v1.KV/Watch',
+                request_serializer=fluxkv_dot_proto_dot_kv__pb2.WatchRequest.SerializeToString,
+                response_deserializer=fluxkv_dot_proto_dot_kv__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -123,6 +128,14 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Streams the changes to keys under a prefix, in revision order, from a
+        recent revision on, with no broker in between.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=fluxkv_dot_proto_dot_kv__pb2.InfoRequest.FromString,
                     response_serializer=fluxkv_dot_proto_dot_kv__pb2.InfoResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=fluxkv_dot_proto_dot_kv__pb2.WatchRequest.FromString,
+                    response_serializer=fluxkv_dot_proto_dot_kv__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class KV:
             '/fluxkv.v1.KV/Info',
             fluxkv_dot_proto_dot_kv__pb2.InfoRequest.SerializeToString,
             fluxkv_dot_proto_dot_kv__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fluxkv.v1.KV/Watch',
+            fluxkv_dot_proto_dot_kv__pb2.WatchRequest.SerializeToString,
+            fluxkv_dot_proto_dot_kv__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

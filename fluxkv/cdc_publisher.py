@@ -1,0 +1,337 @@
+"""The CDC publisher: takes change records from the CdcQueue, batches them into
+AMQP messages and publishes them to RabbitMQ with publisher confirms.
+
+- A message carries the JSON array of consecutive events (cdc_events). A batch
+  is published once it holds FLUX_CDC_BATCH_BYTES of events or its first event
+  has waited FLUX_CDC_LINGER_MS, whichever comes first.
+- Up to FLUX_CDC_MAX_IN_FLIGHT messages await their confirm at once; they are
+  written to one channel in revision order. Records leave the queue (making
+  room for writes) only once the broker has confirmed them.
+- When the connection fails, or the broker refuses a message, the publisher
+  reconnects with exponential backoff and publishes every unconfirmed batch
+  again, oldest first, before anything new: delivery is at least once, and a
+  consumer that drops (node, epoch, rev) it has seen gets every event in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractExchange
+
+from fluxkv import cdc_events
+from fluxkv.cdc_queue import CdcQueue, record_bytes
+from fluxkv.config import Settings, redact_url
+
+log = logging.getLogger("fluxkv.cdc")
+
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
+# Per-event JSON overhead beyond key and value, to tell when a batch is full.
+_EVENT_OVERHEAD = 120
+# At most one log line about dropped events per this many seconds.
+_DROP_REPORT_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class CdcCounters:
+    """A snapshot of the publisher's state, in events (fields as CdcStatus)."""
+
+    connection: str
+    full_policy: str
+    queued: int
+    published: int
+    confirmed: int
+    republished: int
+    dropped: int
+    queue_depth: int
+    queue_bytes: int
+    writes_delayed: int
+    writes_refused: int
+    confirmed_revision: int
+
+
+class _Batch:
+    __slots__ = ("body", "confirmed", "events", "first", "last", "nbytes", "publish")
+
+    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes) -> None:
+        self.first = first
+        self.last = last
+        self.events = events
+        self.nbytes = nbytes  # what it counts against the queue's byte bound
+        self.body = body
+        self.confirmed = False
+        self.publish: asyncio.Future[Any] | None = None
+
+
+class CdcPublisher:
+    def __init__(self, queue: CdcQueue, settings: Settings) -> None:
+        self._queue = queue
+        self._url = settings.rabbitmq_url
+        self._exchange_name = settings.cdc_exchange
+        self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
+        self._queue_name = settings.cdc_queue
+        self._batch_bytes = settings.cdc_batch_bytes
+        self._linger = settings.cdc_linger_ms / 1000
+        self._max_in_flight = settings.cdc_max_in_flight
+        self._node = ""
+        self._epoch = ""
+        # Published batches in revision order, until confirmed and released.
+        self._in_flight: deque[_Batch] = deque()
+        self._connection: AbstractConnection | None = None
+        self._failure: BaseException | None = None
+        # What the pump awaits: an append, a confirm it needs, a failure, a timer.
+        self._wakeup: asyncio.Future[None] | None = None
+        self._window_full = False
+        self._drained: asyncio.Future[None] | None = None
+        self._flushing = False
+        self.connection = "connecting"
+        self.published = 0
+        self.confirmed = 0
+        self.republished = 0
+        self.confirmed_revision = 0
+        self._dropped_reported = 0
+        self._drops_reported_at = 0.0
+
+    def counters(self) -> CdcCounters:
+        q = self._queue
+        return CdcCounters(
+            connection=self.connection,
+            full_policy=q.policy,
+            queued=q.queued,
+            published=self.published,
+            confirmed=self.confirmed,
+            republished=self.republished,
+            dropped=q.dropped,
+            queue_depth=q.depth,
+            queue_bytes=q.held_bytes,
+            writes_delayed=q.writes_delayed,
+            writes_refused=q.writes_refused,
+            confirmed_revision=self.confirmed_revision,
+        )
+
+    def describe(self) -> str:
+        c = self.counters()
+        return (
+            f"{c.connection} to {redact_url(self._url)}, exchange {self._exchange_name!r}; "
+            f"{c.queue_depth} events held, {c.confirmed} confirmed up to revision {c.confirmed_revision}, "
+            f"{c.republished} republished, {c.dropped} dropped"
+        )
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def run(self, node_id: str, epoch: str) -> None:
+        """Publish until cancelled, reconnecting whenever the broker is lost."""
+        self._node, self._epoch = node_id, epoch
+        where = redact_url(self._url)
+        backoff = RECONNECT_MIN_S
+        last_error = ""
+        while True:
+            connection: AbstractConnection | None = None
+            try:
+                connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
+                exchange = await self._declare(connection)
+                self.connection = "connected"
+                log.info(
+                    "CDC connected to %s: publishing to exchange %r (%s)%s",
+                    where,
+                    self._exchange_name,
+                    self._exchange_type.value,
+                    f", {len(self._in_flight)} unconfirmed batches to publish again" if self._in_flight else "",
+                )
+                backoff = RECONNECT_MIN_S
+                last_error = ""
+                await self._pump(connection, exchange)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if self.connection == "connected":
+                    log.warning(
+                        "CDC lost the broker at %s (%s); reconnecting, %d events held", where, error, self._queue.depth
+                    )
+                elif error != last_error:
+                    log.warning("CDC cannot reach the broker at %s (%s); retrying", where, error)
+                last_error = error
+                self.connection = "reconnecting"
+            finally:
+                self._abandon_unconfirmed()
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
+            self._report_drops()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    async def flush(self, timeout: float) -> bool:
+        """Publish what is queued now, without lingering, and wait until the
+        broker confirmed all of it or `timeout` passed; True if it did."""
+        self._flushing = True
+        self._wake()
+        if self._queue.depth == 0:
+            return True
+        self._drained = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- publishing ------------------------------------------------------------
+
+    async def _declare(self, connection: AbstractConnection) -> AbstractExchange:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(self._exchange_name, self._exchange_type, durable=True)
+        if self._queue_name:
+            queue = await channel.declare_queue(self._queue_name, durable=True)
+            await queue.bind(exchange, routing_key=self._node)
+        return exchange
+
+    async def _pump(self, connection: AbstractConnection, exchange: AbstractExchange) -> None:
+        """Publish until the connection fails (raises the failure)."""
+        self._failure = None
+        self._connection = connection
+        connection.close_callbacks.add(self._on_connection_closed)
+        for batch in self._in_flight:  # not confirmed when the last connection ended
+            if not batch.confirmed:
+                self._send(exchange, batch, again=True)
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        batch_started: float | None = None
+        while self._failure is None:
+            timeout: float | None = None
+            self._window_full = False
+            if not queue.pending:
+                batch_started = None
+            elif len(self._in_flight) >= self._max_in_flight:
+                self._window_full = True  # a confirm wakes us
+            else:
+                now = loop.time()
+                if batch_started is None:
+                    batch_started = now
+                full = queue.pending_bytes + _EVENT_OVERHEAD * queue.pending >= self._batch_bytes
+                if full or self._flushing or now - batch_started >= self._linger:
+                    self._send(exchange, self._next_batch(), again=False)
+                    batch_started = None
+                    continue
+                timeout = batch_started + self._linger - now
+            self._report_drops()
+            wakeup = self._wakeup = loop.create_future()
+            if not queue.pending:
+                queue.wake_on_append(wakeup)
+            timer = loop.call_later(timeout, _resolve, wakeup) if timeout is not None else None
+            await wakeup
+            if timer is not None:
+                timer.cancel()
+        raise self._failure
+
+    def _next_batch(self) -> _Batch:
+        """Take pending records until their JSON reaches the batch size."""
+        queue = self._queue
+        node, epoch = self._node, self._epoch
+        parts: list[bytes] = []
+        size = 2
+        nbytes = 0
+        first = last = 0
+        while queue.pending and size < self._batch_bytes:
+            record = queue.take()
+            data = cdc_events.encode_event(record, node, epoch)
+            parts.append(data)
+            size += len(data) + 1
+            nbytes += record_bytes(record)
+            last = record.revision
+            if not first:
+                first = last
+        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts))
+
+    def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
+        if again:
+            self.republished += batch.events
+        else:
+            self._in_flight.append(batch)
+            self.published += batch.events
+        message = aio_pika.Message(
+            batch.body,
+            content_type=cdc_events.CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{self._node}/{self._epoch}/{batch.first}-{batch.last}",
+            type=f"fluxkv.cdc.v{cdc_events.SCHEMA_VERSION}",
+            app_id="fluxkv",
+        )
+        # Tasks take the channel's (FIFO) lock in creation order, so the
+        # broker receives the batches in revision order.
+        batch.publish = asyncio.ensure_future(exchange.publish(message, routing_key=self._node, mandatory=False))
+        batch.publish.add_done_callback(lambda done: self._on_publish_done(batch, done))
+
+    def _on_publish_done(self, batch: _Batch, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:
+            self._fail(exc)  # a nack (DeliveryError) or a lost channel
+            return
+        batch.confirmed = True
+        self._release_confirmed()
+        if self._window_full or self._flushing:
+            self._wake()
+
+    def _on_connection_closed(self, connection: object, exc: BaseException | None = None) -> None:
+        if connection is self._connection:
+            self._fail(exc if exc is not None else ConnectionError("the connection was closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._wake()
+
+    def _release_confirmed(self) -> None:
+        """Release confirmed batches from the queue, oldest first, up to the
+        first unconfirmed one (so confirmed_revision has no holes below it)."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0].confirmed:
+            batch = in_flight.popleft()
+            self._queue.release(batch.events, batch.nbytes)
+            self.confirmed += batch.events
+            self.confirmed_revision = batch.last
+        drained = self._drained
+        if drained is not None and not drained.done() and self._queue.depth == 0:
+            drained.set_result(None)
+
+    def _abandon_unconfirmed(self) -> None:
+        """The connection is gone: forget its publishes. Unconfirmed batches
+        stay in flight and are published again on the next connection."""
+        self._release_confirmed()
+        for batch in self._in_flight:
+            if batch.publish is not None and not batch.publish.done():
+                batch.publish.cancel()
+            batch.publish = None
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            _resolve(self._wakeup)
+
+    def _report_drops(self) -> None:
+        dropped = self._queue.dropped
+        if dropped == self._dropped_reported:
+            return
+        now = time.monotonic()
+        if now - self._drops_reported_at < _DROP_REPORT_INTERVAL_S:
+            return
+        log.warning(
+            "CDC queue full: %d events dropped (FLUX_CDC_FULL_POLICY=drop), %d in all",
+            dropped - self._dropped_reported,
+            dropped,
+        )
+        self._dropped_reported = dropped
+        self._drops_reported_at = now
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,170 @@
+"""CDC against a real RabbitMQ: every acknowledged write reaches the queue, in
+order, once after deduplication; the full-queue policies; shutdown flush."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aio_pika
+import grpc
+import jsonschema
+import orjson
+import pytest
+
+from fluxkv.cdc_events import Event, decode_batch
+from fluxkv.changes import Op
+from fluxkv.proto import kv_pb2 as pb
+from fluxkv.proto import kv_pb2_grpc
+from fluxkv.server import Node
+
+from .conftest import BROKER, ROOT, Names, settings
+
+
+@dataclass
+class Delivered:
+    message: aio_pika.abc.AbstractIncomingMessage
+    events: list[Event]
+
+
+async def drain(url: str, queue: str) -> list[Delivered]:
+    """Every message in `queue`, taken off it."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.get_queue(queue)
+        out = []
+        while (message := await q.get(no_ack=True, fail=False)) is not None:
+            out.append(Delivered(message, decode_batch(message.body)))
+        return out
+
+
+def deduplicated(delivered: list[Delivered]) -> list[Event]:
+    seen: set[tuple[str, str, int]] = set()
+    out = []
+    for d in delivered:
+        for e in d.events:
+            if (e.node, e.epoch, e.rev) not in seen:
+                seen.add((e.node, e.epoch, e.rev))
+                out.append(e)
+    return out
+
+
+def unused_port() -> int:
+    """A loopback port that nothing listens on (for an unreachable broker)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def running(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
+    node = Node(settings(**overrides))
+    await node.start()
+    try:
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            yield node, kv_pb2_grpc.KVStub(channel)
+    finally:
+        await node.stop()
+
+
+def cdc(names: Names, url: str = BROKER, **overrides: object) -> dict[str, object]:
+    return {"rabbitmq_url": url, "cdc_exchange": names.exchange, "cdc_queue": names.queue, **overrides}
+
+
+async def test_every_acknowledged_change_reaches_the_queue_once_in_revision_order(names: Names) -> None:
+    acked: dict[int, tuple[Op, str, bytes | None]] = {}
+    async with running(**cdc(names, cdc_linger_ms=2)) as (node, kv):
+        for i in range(200):
+            value = f"value-{i}".encode() if i % 3 else bytes([0xFF, i % 256, 0])  # some not UTF-8
+            r = await kv.Set(pb.SetRequest(key=f"k{i % 50}", value=value))
+            acked[r.revision] = (Op.SET, f"k{i % 50}", value)
+        for i in range(0, 50, 5):
+            d = await kv.Delete(pb.DeleteRequest(key=f"k{i}"))
+            acked[d.revision] = (Op.DELETE, f"k{i}", None)
+        ttl = await kv.Set(pb.SetRequest(key="short-lived", value=b"x", ttl_ms=1))
+        acked[ttl.revision] = (Op.SET, "short-lived", b"x")
+        await asyncio.sleep(0.01)  # let the TTL pass; the Get below expires the key
+        assert not (await kv.Get(pb.GetRequest(key="short-lived"))).found
+        epoch = node.store.epoch
+        node_id = node.node_id
+        final = node.store.revision
+    # The node has stopped: its shutdown published and confirmed everything.
+    delivered = await drain(BROKER, names.queue)
+    schema = orjson.loads((ROOT / "docs" / "cdc-event-v1.schema.json").read_bytes())
+    for d in delivered:
+        jsonschema.validate(orjson.loads(d.message.body), schema)
+    events = deduplicated(delivered)
+    assert [e.rev for e in events] == list(range(1, final + 1))
+    assert {e.node for e in events} == {node_id} and {e.epoch for e in events} == {epoch}
+    for e in events:
+        if e.rev in acked:
+            assert (e.op, e.key, e.value) == acked[e.rev]
+    expired = [e for e in events if e.op is Op.EXPIRE]
+    assert [(e.key, e.value) for e in expired] == [("short-lived", None)]
+    assert next(e for e in events if e.rev == ttl.revision).expires_at_ms > 0
+    first = delivered[0].message
+    assert first.content_type == "application/json"
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.routing_key == node_id
+    # Several events share a message, each message in revision order.
+    assert len(delivered) < len(events)
+    for d in delivered:
+        revs = [e.rev for e in d.events]
+        assert revs == sorted(revs)
+
+
+async def test_info_reports_the_publishers_counters(names: Names) -> None:
+    async with running(**cdc(names)) as (node, kv):
+        for i in range(10):
+            await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
+        assert node.cdc is not None and await node.cdc.flush(10)
+        info = await kv.Info(pb.InfoRequest())
+    assert info.cdc.enabled and info.cdc.connection == "connected" and info.cdc.full_policy == "block"
+    assert (info.cdc.queued, info.cdc.published, info.cdc.confirmed) == (10, 10, 10)
+    assert (info.cdc.queue_depth, info.cdc.dropped, info.cdc.confirmed_revision) == (0, 0, 10)
+    assert info.epoch and info.revision == 10
+    assert any(s.name == "cdc" and s.state == "connected" for s in info.subsystems)
+
+
+async def test_cdc_off_reports_disabled(kv: kv_pb2_grpc.KVStub) -> None:
+    info = await kv.Info(pb.InfoRequest())
+    assert not info.cdc.enabled
+    assert any(s.name == "cdc" and s.state == "disabled" for s in info.subsystems)
+
+
+async def test_block_policy_refuses_writes_with_unavailable_when_the_queue_stays_full(names: Names) -> None:
+    unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
+    small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_block_timeout_ms": 200, "cdc_flush_timeout_s": 0.1}
+    async with running(**cdc(names, unreachable, **small)) as (_, kv):
+        for i in range(10):
+            await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await kv.Set(pb.SetRequest(key="one-too-many", value=b"v"))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "CDC queue is full" in (refused.value.details() or "")
+        assert "nothing was written" in (refused.value.details() or "")
+        # A call deadline shorter than the block timeout: refused before it, with the reason.
+        with pytest.raises(grpc.aio.AioRpcError) as short:
+            await kv.Delete(pb.DeleteRequest(key="k1"), timeout=0.1)
+        assert short.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not (await kv.Get(pb.GetRequest(key="one-too-many"))).found
+        assert (await kv.Get(pb.GetRequest(key="k1"))).found
+        info = await kv.Info(pb.InfoRequest())
+        assert (info.cdc.queue_depth, info.cdc.writes_refused, info.cdc.dropped) == (10, 2, 0)
+        assert info.cdc.connection == "reconnecting"
+        assert info.revision == 10
+
+
+async def test_drop_policy_accepts_writes_and_counts_the_dropped_events(names: Names) -> None:
+    unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
+    small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_full_policy": "drop", "cdc_flush_timeout_s": 0.1}
+    async with running(**cdc(names, unreachable, **small)) as (_, kv):
+        for i in range(25):
+            await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
+        info = await kv.Info(pb.InfoRequest())
+    assert (info.revision, info.cdc.queued, info.cdc.dropped, info.cdc.queue_depth) == (25, 10, 15, 10)
+    assert info.cdc.writes_refused == 0
