@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Unary Set throughput of a FluxKV node against a no-op grpc.aio reference server,
-both measured in the same run, alternately, by the same closed-loop client.
+both measured in the same run, alternately, by the same closed-loop client. With
+--cdc-url, a third node publishes every change to that RabbitMQ broker (CDC on,
+publisher confirms, persistent messages, a durable queue), and the ratio
+CDC on / CDC off is reported too.
 
-The ratio fluxkv/reference is what to compare across runs and machines; absolute
-QPS on a noisy shared machine is not. See bench/README.md.
+The ratios are what to compare across runs and machines; absolute QPS on a noisy
+shared machine is not. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import grpc
 from google.protobuf import __version__ as protobuf_version
 
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
+CDC = "fluxkv+cdc"
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
@@ -47,9 +53,15 @@ SetCall = Callable[..., Awaitable[Any]]
 class Server:
     """A server child process; stderr is drained by a thread (last lines kept for errors)."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
         self.address = ""
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._ready = threading.Event()
@@ -219,17 +231,25 @@ async def bench(servers: list[Server], requests: list[Any], args: argparse.Names
 
 
 def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> None:
-    ref, kv = summarize(runs, "reference"), summarize(runs, "fluxkv")
+    summaries = {name: summarize(runs, name) for name in dict.fromkeys(r.server for r in runs)}
+    ref, kv = summaries["reference"], summaries["fluxkv"]
     ratio = kv["median_qps"] / ref["median_qps"]
     cpu_ratio = kv["server_cpu_s_per_req"] / ref["server_cpu_s_per_req"] if ref["server_cpu_s_per_req"] else None
     print("\n" + row(SUMMARY_COLS, "server", "best QPS", "median QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "failed"))
-    for name, s in (("reference", ref), ("fluxkv", kv)):
+    for name, s in summaries.items():
         cpu = s["server_cpu_s_per_req"] * 1e6
         print(row(SUMMARY_COLS, name, f"{s['best_qps']:.0f}", f"{s['median_qps']:.0f}", f"{s['p50_ms']:.2f}",
                   f"{s['p99_ms']:.2f}", f"{cpu:.1f}", s["failed"]))  # fmt: skip
     print("(p50/p99 of each server's median round; CPU per request: median over rounds)")
     cpu_text = f"{cpu_ratio:.2f}x the reference's" if cpu_ratio is not None else "n/a"
     print(f"\nratio fluxkv/reference (median QPS): {ratio:.2f}   fluxkv server CPU per request: {cpu_text}")
+    cdc = summaries.get(CDC)
+    cdc_ratio = cdc["median_qps"] / kv["median_qps"] if cdc else None
+    if cdc:
+        per_round = [c.qps / k.qps for c, k in zip(*(
+            [r for r in runs if r.server == name] for name in (CDC, "fluxkv")), strict=True)]  # fmt: skip
+        print(f"ratio CDC on/CDC off (median QPS): {cdc_ratio:.2f}   per round: "
+              + " ".join(f"{x:.2f}" for x in per_round))  # fmt: skip
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at the end: {info['loadavg_end']} (other work on the machine shows here)")
     if args.json:
@@ -242,11 +262,21 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
             "fluxkv": kv,
             "ratio_median_qps": ratio,
             "ratio_server_cpu_per_req": cpu_ratio,
+            "cdc": cdc,
+            "ratio_cdc_on_off_median_qps": cdc_ratio,
             "runs": [asdict(r) for r in runs],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+async def delete_cdc_objects(url: str, name: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await channel.exchange_delete(name)
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -262,6 +292,7 @@ def main() -> int:
     p.add_argument("-r", "--keyspace", type=int, default=10000, help="distinct keys (default 10000)")
     p.add_argument("-d", "--value-size", type=int, default=100, help="value size in bytes (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a node with CDC on, publishing to this broker")
     p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
     args = p.parse_args()
     if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
@@ -280,13 +311,21 @@ def main() -> int:
           f"{args.conns} connection(s), {args.keyspace} keys, {args.value_size}-byte values, "
           f"{args.rounds} round(s) per server")  # fmt: skip
     print("reference bench/noop_server.py: bare grpc.aio server whose Set returns an empty SetResponse")
-    print("client    this process: one asyncio loop, closed loop, on the same machine as both servers")
+    cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
+    if args.cdc_url:
+        print(f"CDC on    a third node publishing to {args.cdc_url.split('@')[-1]}, exchange and durable queue "
+              f"{cdc_names} (deleted at the end)")  # fmt: skip
+    print("client    this process: one asyncio loop, closed loop, on the same machine as the servers")
 
     signal.signal(signal.SIGTERM, interrupt)  # stop the servers on SIGTERM too
     servers: list[Server] = []
     try:
         servers.append(Server("reference", [sys.executable, str(ROOT / "bench" / "noop_server.py")]))
-        servers.append(Server("fluxkv", [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]))
+        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
+        servers.append(Server("fluxkv", node))
+        if args.cdc_url:
+            env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
+            servers.append(Server(CDC, node, env))
         for s in servers:
             s.wait_ready()
         runs = asyncio.run(bench(servers, requests, args))
@@ -299,6 +338,8 @@ def main() -> int:
     finally:
         for s in servers:
             s.stop()
+        if args.cdc_url:
+            asyncio.run(delete_cdc_objects(args.cdc_url, cdc_names))
     report(info, args, runs)
     return 0
 
