@@ -517,26 +517,19 @@ def test_usage_errors_exit_2(args: list[str], env: dict[str, str], message: str)
     assert message in done.stderr
 
 
-@pytest.fixture
-def private_broker() -> Iterator[RabbitBroker]:
-    """A RabbitMQ node of this test's own, to crash and start again."""
-    with RabbitBroker() as broker:
-        yield broker
-
-
-async def test_the_program_survives_a_broker_crash_and_restart(private_broker: RabbitBroker, tmp_path: Path) -> None:
+async def test_the_program_survives_a_broker_crash_and_restart(rabbit_broker: RabbitBroker, tmp_path: Path) -> None:
     names = Names(exchange="flux_kv_events", queue="flux_cdc_file_logger")  # a private broker: the defaults
-    url = private_broker.url
+    url = rabbit_broker.url
     await declare_like_a_node(names, url)
     await publish(names, [batch("A", "a1", range(first, first + 10)) for first in range(1, 2001, 10)], url=url)
     out = tmp_path / "events.jsonl"
     # One message at a time: the crash comes with a message written and not acked now and then.
     with fluxkv_cdc(names, "--output", str(out), "--prefetch", "1", url=url) as cdc:
         await wait_until(lambda: line_count(out) >= 500, "500 events are written", lambda: cdc.log)
-        await asyncio.to_thread(private_broker.kill)
+        await asyncio.to_thread(rabbit_broker.kill)
         await cdc.wait_for_log("lost the connection")
         assert line_count(out) < 2000, "the consumer was too quick for this test"
-        await asyncio.to_thread(private_broker.start)
+        await asyncio.to_thread(rabbit_broker.start)
         await wait_until(lambda: cdc.log.count("consuming queue") == 2, "it consumes again", lambda: cdc.log)
         # Published after the restart, and again: the publisher had no confirm for the first copy.
         again = [batch("A", "a1", range(1991, 2011)), batch("A", "a1", range(2011, 2021))]

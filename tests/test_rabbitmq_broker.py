@@ -1,10 +1,6 @@
 """The private RabbitMQ node of tests/rabbitmq_broker.py: restart keeps durable data, kill ends the node, and a
 port taken while it was down makes start() fail clearly."""
 
-# pytest passes the imported fixture `rabbit_broker` to the tests as a parameter of the same name, which pyflakes
-# reads as an unused import (F401) redefined by each test (F811).
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +11,7 @@ import aio_pika
 import pytest
 from aio_pika import DeliveryMode, Message
 
-from .rabbitmq_broker import RabbitBroker, RabbitBrokerError, rabbit_broker  # noqa: F401
+from .rabbitmq_broker import RabbitBroker, RabbitBrokerError
 
 SYSTEM_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE = "fluxkv-durable"
