@@ -2,8 +2,11 @@
 AMQP messages and publishes them to RabbitMQ with publisher confirms.
 
 - A message carries the JSON array of consecutive events (cdc_events). A batch
-  is published once it holds FLUX_CDC_BATCH_BYTES of events or its first event
-  has waited FLUX_CDC_LINGER_MS, whichever comes first.
+  is published once it holds FLUX_CDC_BATCH_BYTES of events, or once
+  FLUX_CDC_LINGER_MS have passed since the previous message: under load the
+  node sends one message per linger interval, so events per message grow
+  with the write rate (each message costs a fixed amount of CPU, mostly its
+  socket write), while an event after a quiet interval leaves at once.
 - Up to FLUX_CDC_MAX_IN_FLIGHT messages await their confirm at once; they are
   written to one channel in revision order. Records leave the queue (making
   room for writes) only once the broker has confirmed them.
@@ -203,24 +206,20 @@ class CdcPublisher:
                 self._send(exchange, batch, again=True)
         queue = self._queue
         loop = asyncio.get_running_loop()
-        batch_started: float | None = None
+        last_sent = -self._linger
         while self._failure is None:
             timeout: float | None = None
             self._window_full = False
-            if not queue.pending:
-                batch_started = None
-            elif len(self._in_flight) >= self._max_in_flight:
+            if queue.pending and len(self._in_flight) >= self._max_in_flight:
                 self._window_full = True  # a confirm wakes us
-            else:
+            elif queue.pending:
                 now = loop.time()
-                if batch_started is None:
-                    batch_started = now
                 full = queue.pending_bytes + _EVENT_OVERHEAD * queue.pending >= self._batch_bytes
-                if full or self._flushing or now - batch_started >= self._linger:
+                if full or self._flushing or now >= last_sent + self._linger:
                     self._send(exchange, self._next_batch(), again=False)
-                    batch_started = None
+                    last_sent = now
                     continue
-                timeout = batch_started + self._linger - now
+                timeout = last_sent + self._linger - now
             self._report_drops()
             wakeup = self._wakeup = loop.create_future()
             if not queue.pending:

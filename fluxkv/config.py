@@ -48,7 +48,7 @@ class Settings:
     cdc_full_policy: str = "block"
     cdc_block_timeout_ms: int = 5000
     cdc_batch_bytes: int = 64 * KIB
-    cdc_linger_ms: int = 20
+    cdc_linger_ms: int = 50
     cdc_max_in_flight: int = 8
     cdc_flush_timeout_s: float = 10.0
     watch_history: int = 10_000
@@ -215,7 +215,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cdc_linger_ms",
         "FLUX_CDC_LINGER_MS",
-        "How long a batch may wait to fill before it is published anyway, in milliseconds.",
+        "Least time between two messages while their batches are not full, in milliseconds (an event after a quiet "
+        "interval leaves at once).",
         _int(0),
     ),
     Setting(
