@@ -144,11 +144,8 @@ def _unary(path: str, fn: UnaryHandler) -> Callable[[Any, grpc.aio.ServicerConte
         deadline.time_remaining.set(context.time_remaining)
         try:
             return await fn(request)
-        except KVError as exc:
-            await context.abort(STATUS_OF[exc.kind], exc.message)
         except Exception as exc:
-            log.exception("unexpected error in %s", path)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+            await _abort(context, path, exc)
 
     return call
 
@@ -164,10 +161,16 @@ def _stream(path: str, fn: StreamHandler) -> Callable[[Any, grpc.aio.ServicerCon
                 await context.send_initial_metadata(())
                 async for response in responses:
                     yield response
-        except KVError as exc:
-            await context.abort(STATUS_OF[exc.kind], exc.message)
         except Exception as exc:
-            log.exception("unexpected error in %s", path)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+            await _abort(context, path, exc)
 
     return call
+
+
+async def _abort(context: grpc.aio.ServicerContext, path: str, exc: Exception) -> None:
+    """End the call with the status for `exc`: KVError's kind, else INTERNAL
+    (logged). context.abort raises, so this never returns normally."""
+    if isinstance(exc, KVError):
+        await context.abort(STATUS_OF[exc.kind], exc.message)
+    log.exception("unexpected error in %s", path, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
