@@ -12,7 +12,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,18 @@ async def node() -> AsyncIterator[Node]:
     await n.start()
     yield n
     await n.stop()
+
+
+@asynccontextmanager
+async def running_node(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
+    """A node in this process with these settings, and a stub connected to it."""
+    node = Node(settings(**overrides))
+    await node.start()
+    try:
+        async with grpc.aio.insecure_channel(node.address) as ch:
+            yield node, kv_pb2_grpc.KVStub(ch)
+    finally:
+        await node.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aio_pika
@@ -19,9 +17,8 @@ from fluxkv.cdc_events import Event, decode_batch
 from fluxkv.changes import Op
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
-from fluxkv.server import Node
 
-from .conftest import BROKER, ROOT, Names, settings
+from .conftest import BROKER, ROOT, Names, running_node
 
 
 @dataclass
@@ -60,24 +57,13 @@ def unused_port() -> int:
         return int(s.getsockname()[1])
 
 
-@asynccontextmanager
-async def running(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
-    node = Node(settings(**overrides))
-    await node.start()
-    try:
-        async with grpc.aio.insecure_channel(node.address) as channel:
-            yield node, kv_pb2_grpc.KVStub(channel)
-    finally:
-        await node.stop()
-
-
 def cdc(names: Names, url: str = BROKER, **overrides: object) -> dict[str, object]:
     return {"rabbitmq_url": url, "cdc_exchange": names.exchange, "cdc_queue": names.queue, **overrides}
 
 
 async def test_every_acknowledged_change_reaches_the_queue_once_in_revision_order(names: Names) -> None:
     acked: dict[int, tuple[Op, str, bytes | None]] = {}
-    async with running(**cdc(names, cdc_linger_ms=2)) as (node, kv):
+    async with running_node(**cdc(names, cdc_linger_ms=2)) as (node, kv):
         for i in range(200):
             value = f"value-{i}".encode() if i % 3 else bytes([0xFF, i % 256, 0])  # some not UTF-8
             r = await kv.Set(pb.SetRequest(key=f"k{i % 50}", value=value))
@@ -118,7 +104,7 @@ async def test_every_acknowledged_change_reaches_the_queue_once_in_revision_orde
 
 
 async def test_info_reports_the_publishers_counters(names: Names) -> None:
-    async with running(**cdc(names)) as (node, kv):
+    async with running_node(**cdc(names)) as (node, kv):
         for i in range(10):
             await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
         assert node.cdc is not None and await node.cdc.flush(10)
@@ -139,7 +125,7 @@ async def test_cdc_off_reports_disabled(kv: kv_pb2_grpc.KVStub) -> None:
 async def test_block_policy_refuses_writes_with_unavailable_when_the_queue_stays_full(names: Names) -> None:
     unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
     small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_block_timeout_ms": 200, "cdc_flush_timeout_s": 0.1}
-    async with running(**cdc(names, unreachable, **small)) as (_, kv):
+    async with running_node(**cdc(names, unreachable, **small)) as (_, kv):
         for i in range(10):
             await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -162,7 +148,7 @@ async def test_block_policy_refuses_writes_with_unavailable_when_the_queue_stays
 async def test_drop_policy_accepts_writes_and_counts_the_dropped_events(names: Names) -> None:
     unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
     small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_full_policy": "drop", "cdc_flush_timeout_s": 0.1}
-    async with running(**cdc(names, unreachable, **small)) as (_, kv):
+    async with running_node(**cdc(names, unreachable, **small)) as (_, kv):
         for i in range(25):
             await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
         info = await kv.Info(pb.InfoRequest())

@@ -13,8 +13,9 @@ import pytest
 from fluxkv.changes import Op
 from fluxkv.proto import kv_pb2 as pb
 
+from .conftest import Names, running_node
 from .rabbitmq_broker import RabbitBroker
-from .test_cdc import Names, deduplicated, drain, running
+from .test_cdc import deduplicated, drain
 
 QUEUE = Names("flux_kv_events", "flux_cdc_file_logger")
 
@@ -27,7 +28,7 @@ async def test_no_acknowledged_write_is_lost_when_the_broker_is_killed_and_resta
     milestones = {300: asyncio.Event(), 900: asyncio.Event()}
     stop = asyncio.Event()
     settings = {"rabbitmq_url": rabbit_broker.url, "cdc_linger_ms": 2, "cdc_flush_timeout_s": 60.0}
-    async with running(**settings) as (node, kv):
+    async with running_node(**settings) as (node, kv):
 
         async def writer(w: int) -> None:
             i = 0
@@ -61,7 +62,7 @@ async def test_no_acknowledged_write_is_lost_when_the_broker_is_killed_and_resta
 async def test_writes_blocked_by_a_full_queue_succeed_once_the_broker_returns(rabbit_broker: RabbitBroker) -> None:
     await asyncio.to_thread(rabbit_broker.stop)
     small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_block_timeout_ms": 60_000}
-    async with running(rabbitmq_url=rabbit_broker.url, **small) as (_, kv):
+    async with running_node(rabbitmq_url=rabbit_broker.url, **small) as (_, kv):
         for i in range(10):
             await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
         blocked = asyncio.ensure_future(kv.Set(pb.SetRequest(key="waits", value=b"v"), timeout=60))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from fluxkv.server import Node
 from fluxkv.store import shard_of
 from fluxkv.watch import WatchHub
 
-from .conftest import settings
+from .conftest import running_node, settings
 
 WatchCall = grpc.aio.UnaryStreamCall
 
@@ -50,17 +49,6 @@ async def live_watch(kv: kv_pb2_grpc.KVStub, prefix: str = "", start_revision: i
     call = kv.Watch(pb.WatchRequest(prefix=prefix, start_revision=start_revision))
     await call.initial_metadata()
     return call
-
-
-@asynccontextmanager
-async def running_node(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
-    node = Node(settings(**overrides))
-    await node.start()
-    try:
-        async with grpc.aio.insecure_channel(node.address) as channel:
-            yield node, kv_pb2_grpc.KVStub(channel)
-    finally:
-        await node.stop()
 
 
 # -- over gRPC ---------------------------------------------------------------
