@@ -1,3 +1,61 @@
-"""FluxKV: a sharded in-memory key-value node served over gRPC."""
+"""FluxKV: a sharded in-memory key-value node served over gRPC, and its client
+SDK (`from fluxkv import Client, SyncClient`; see fluxkv/client.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fluxkv.client import (
+        Client,
+        ConditionFailed,
+        DeadlineExceeded,
+        FluxKVError,
+        InvalidRequest,
+        KeyValue,
+        NodeSource,
+        NoNodes,
+        Retry,
+        SetItem,
+        SetResult,
+        StaticNodes,
+        SyncClient,
+        SyncWatch,
+        Unavailable,
+        Watch,
+        WatchEvent,
+    )
+    from fluxkv.discovery import EtcdNodes
+
+__all__ = [
+    "Client",
+    "ConditionFailed",
+    "DeadlineExceeded",
+    "EtcdNodes",
+    "FluxKVError",
+    "InvalidRequest",
+    "KeyValue",
+    "NoNodes",
+    "NodeSource",
+    "Retry",
+    "SetItem",
+    "SetResult",
+    "StaticNodes",
+    "SyncClient",
+    "SyncWatch",
+    "Unavailable",
+    "Watch",
+    "WatchEvent",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """The client SDK, imported on first use: `import fluxkv` alone loads no gRPC."""
+    if name in __all__:
+        from fluxkv import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'fluxkv' has no attribute {name!r}")
