@@ -1,15 +1,35 @@
-"""The deadline of the call being handled, for code that waits on a caller's
-behalf. The transport sets it for each call; without one, there is none."""
+"""What request handling may ask of the call being served (its deadline, and
+whether another node forwarded it) without knowing the transport. The
+transport sets `current` for each call; outside a call there is none."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextvars import ContextVar
+from typing import Protocol
+
+# Metadata a node adds to a call it forwards to the key's owner: the
+# receiving node then serves it itself, whatever its own view of the ring.
+FORWARDED_BY = "fluxkv-forwarded-by"
 
 
-def _none() -> float | None:
-    return None
+class Call(Protocol):
+    def time_remaining(self) -> float | None: ...
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
 
 
-# Seconds left before the current call's deadline; None when it has none.
-time_remaining: ContextVar[Callable[[], float | None]] = ContextVar("time_remaining", default=_none)
+current: ContextVar[Call | None] = ContextVar("current_call", default=None)
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the current call's deadline; None when it has none."""
+    call = current.get()
+    return call.time_remaining() if call is not None else None
+
+
+def forwarded() -> bool:
+    """Whether another node forwarded the current call to this one."""
+    call = current.get()
+    if call is None:
+        return False
+    return any(key == FORWARDED_BY for key, _ in call.invocation_metadata() or ())

@@ -9,6 +9,7 @@ call (3); see EPILOG.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from fluxkv import __version__
+from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
@@ -60,11 +62,17 @@ def _run(args: argparse.Namespace) -> int:
     # client (FLUX_MAX_MESSAGE_BYTES is 16 MiB by default): the node bounds them.
     options = [("grpc.max_receive_message_length", -1)]
     try:
-        with grpc.insecure_channel(args.addr, options=options) as channel:
-            kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]  # generated code has no annotations
-            status: int = args.run(kv, args)
+        status = SUCCESS
+        for address in _nodes(args) if args.etcd else [args.addr]:
+            args.addr = address  # for the error messages
+            with grpc.insecure_channel(address, options=options) as channel:
+                kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]  # generated code has no annotations
+                status = max(status, args.run(kv, args))
         sys.stdout.flush()
         return status
+    except _NoNodes as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return FAILURE
     except grpc.RpcError as exc:
         return _failed(exc, args)
     except BrokenPipeError:  # stdout closed early, as by `| head`: end quietly, as if killed by SIGPIPE
@@ -72,6 +80,34 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + 13
     except KeyboardInterrupt:  # as if killed by SIGINT
         return 128 + 2
+
+
+class _NoNodes(Exception):
+    """etcd names no node to send the command to."""
+
+
+def _nodes(args: argparse.Namespace) -> list[str]:
+    """The nodes a command goes to with --etcd: the owner of its (first) key on
+    the ring (a node forwards the other keys of mget and mset to their owners),
+    or every node for scan and info (each covers the node it runs on)."""
+    from fluxkv.etcd_client import EtcdClient, EtcdError
+    from fluxkv.hash_ring import HashRing
+
+    async def read() -> list[str]:
+        async with EtcdClient(args.etcd, args.timeout) as etcd:
+            pairs, _ = await etcd.get_prefix(args.etcd_prefix)
+        return sorted({value for _, value in pairs if value})
+
+    try:
+        addresses = asyncio.run(read())
+    except EtcdError as exc:
+        raise _NoNodes(f"cannot read the nodes from etcd: {exc}") from None
+    if not addresses:
+        raise _NoNodes(f"no node is registered under {args.etcd_prefix} in etcd {','.join(args.etcd)}")
+    keys = [args.key] if hasattr(args, "key") else getattr(args, "keys", None) or getattr(args, "pairs", [])[::2]
+    if not keys:
+        return addresses
+    return [HashRing(addresses, args.vnodes).owner(keys[0])]
 
 
 def _failed(exc: grpc.RpcError, args: argparse.Namespace) -> int:
@@ -246,6 +282,13 @@ def _int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _endpoints(text: str) -> list[str]:
+    endpoints = [e.strip() for e in text.split(",") if e.strip()]
+    if not endpoints:
+        raise argparse.ArgumentTypeError("expected etcd endpoints such as 127.0.0.1:2379")
+    return endpoints
+
+
 def _seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -266,6 +309,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     parser.add_argument("--addr", default=DEFAULT_ADDR, metavar="HOST:PORT", help=f"the node (default {DEFAULT_ADDR})")
+    parser.add_argument(
+        "--etcd",
+        type=_endpoints,
+        metavar="HOST:PORT[,...]",
+        help="find the nodes in etcd instead of --addr: a key's command goes to its owner, scan and info to every node",
+    )
+    parser.add_argument(
+        "--etcd-prefix",
+        default=Settings.etcd_prefix,
+        metavar="PREFIX",
+        help=f"the nodes' registration prefix (default {Settings.etcd_prefix})",
+    )
+    parser.add_argument(
+        "--vnodes", type=_int(1, 4096), default=Settings.ring_vnodes, metavar="N", help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--timeout",
         type=_seconds,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,14 @@ class Settings:
     cdc_flush_timeout_s: float = 10.0
     watch_history: int = 10_000
     watch_history_bytes: int = 64 * MIB
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/services/kv-service/"
+    etcd_lease_ttl_s: int = 5
+    etcd_timeout_s: float = 5.0
+    etcd_at_start: str = "retry"
+    pod_ip: str = ""
+    ring_vnodes: int = 160
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,13 @@ class Setting:
     @property
     def default(self) -> Any:
         return _DEFAULTS[self.field]
+
+    @property
+    def shown_default(self) -> str:
+        """The default as a variable's value, as the README's table shows it."""
+        d = self.default
+        text = ",".join(d) if isinstance(d, tuple) else str(d)
+        return text or '""'
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -110,6 +126,23 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 def _text(text: str) -> str:
     return text.strip()
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+def _prefix(text: str) -> str:
+    value = text.strip()
+    if not value.startswith("/") or not value.endswith("/"):
+        raise ValueError(f"expected a key prefix that starts and ends with '/', got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _int(1, 256)(text)
 
 
 def _host(text: str) -> str:
@@ -242,6 +275,51 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_WATCH_HISTORY_BYTES",
         "Most key and value bytes of those changes.",
         _int(1),
+    ),
+    Setting(
+        "etcd_endpoints",
+        "FLUX_ETCD_ENDPOINTS",
+        "Comma-separated etcd endpoints (host:port) to register this node in; empty runs the node on its own.",
+        _endpoints,
+    ),
+    Setting(
+        "etcd_prefix",
+        "FLUX_ETCD_PREFIX",
+        "etcd key prefix the nodes register under, as <prefix><address> with the address as value.",
+        _prefix,
+    ),
+    Setting(
+        "etcd_lease_ttl_s",
+        "FLUX_ETCD_LEASE_TTL_S",
+        "TTL of the registration's lease in seconds: a node that stops renewing it leaves the ring this much later.",
+        _int(2, 3600),
+    ),
+    Setting("etcd_timeout_s", "FLUX_ETCD_TIMEOUT_S", "Deadline of each call to etcd, in seconds.", _float(0.1)),
+    Setting(
+        "etcd_at_start",
+        "FLUX_ETCD_AT_START",
+        "When etcd cannot be reached at start-up: retry (serve and keep trying to register, saying so) or fail "
+        "(exit 1 with the reason).",
+        _choice("retry", "fail"),
+    ),
+    Setting(
+        "pod_ip",
+        "FLUX_POD_IP",
+        "Address other hosts reach this node at; the node registers <this>:<port>. Empty: the listen address, or "
+        "this host's outbound IP when listening on 0.0.0.0.",
+        _text,
+    ),
+    Setting(
+        "ring_vnodes",
+        "FLUX_RING_VNODES",
+        "Virtual nodes per node on the consistent-hash ring (clients and nodes must agree).",
+        _int(1, 4096),
+    ),
+    Setting(
+        "workers",
+        "FLUX_WORKERS",
+        "Worker processes, each an independent node on its own port (port, port+1, ...); auto: one per core.",
+        _workers,
     ),
 )
 

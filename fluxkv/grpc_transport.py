@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fluxkv import deadline
+from fluxkv import call_context
 from fluxkv.errors import ErrorKind, KVError
 
 log = logging.getLogger("fluxkv.grpc")
@@ -141,7 +141,7 @@ def _unary(path: str, fn: UnaryHandler) -> Callable[[Any, grpc.aio.ServicerConte
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if type(request) is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        deadline.time_remaining.set(context.time_remaining)
+        call_context.current.set(context)
         try:
             return await fn(request)
         except Exception as exc:
@@ -154,7 +154,7 @@ def _stream(path: str, fn: StreamHandler) -> Callable[[Any, grpc.aio.ServicerCon
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
         if type(request) is _Malformed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        deadline.time_remaining.set(context.time_remaining)
+        call_context.current.set(context)
         try:
             async with aclosing(fn(request)) as responses:
                 # The handler accepted the request and set the stream up: say so.

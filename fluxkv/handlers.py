@@ -13,12 +13,13 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Protocol
 
-from fluxkv import deadline, scan_cursor
+from fluxkv import call_context, scan_cursor
 from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.config import Settings
 from fluxkv.errors import ErrorKind, KVError, invalid, shown
+from fluxkv.forwarding import Router
 from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.store import NUM_SHARDS, Store
@@ -108,15 +109,19 @@ class KVHandlers:
         gate: CdcQueue | None = None,
         *,
         watch_hub: WatchHub,
+        router: Router | None = None,
     ) -> None:
         self._store = store
         self._limits = Limits(settings)
         self._node = node
         self._gate = gate
+        self._router = router
         self._watch_hub = watch_hub
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         self._limits.key(request.key)
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/fluxkv.v1.KV/Get", request, pb.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return pb.GetResponse()
@@ -124,8 +129,10 @@ class KVHandlers:
 
     async def set(self, request: pb.SetRequest) -> pb.SetResponse:
         expect = self._limits.set_request(request)
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/fluxkv.v1.KV/Set", request, pb.SetResponse)
         if self._gate is not None:
-            await self._gate.admit(1, len(request.key) + len(request.value), deadline.time_remaining.get())
+            await self._gate.admit(1, len(request.key) + len(request.value), call_context.time_remaining)
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -138,8 +145,10 @@ class KVHandlers:
             expect = request.expect_revision
             if expect <= 0:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/fluxkv.v1.KV/Delete", request, pb.DeleteResponse)
         if self._gate is not None:
-            await self._gate.admit(1, len(request.key), deadline.time_remaining.get())
+            await self._gate.admit(1, len(request.key), call_context.time_remaining)
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -150,17 +159,20 @@ class KVHandlers:
         self._limits.items(len(keys), "MultiGet")
         for i, key in enumerate(keys):
             self._limits.key(key, f"keys[{i}]: ")
-        results = []
-        size = 0
-        for key in keys:
-            item = self._store.get(key)
-            if item is None:
-                results.append(pb.GetResponse())
-                continue
-            size += len(item.value)
-            results.append(
-                pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
-            )
+        if self._router is None:
+            results = self._gets(keys)
+        else:
+            router = self._router
+
+            async def local(indexes: list[int]) -> list[pb.GetResponse]:
+                return self._gets([keys[i] for i in indexes])
+
+            async def remote(owner: str, indexes: list[int]) -> list[pb.GetResponse]:
+                part = pb.MultiGetRequest(keys=[keys[i] for i in indexes])
+                return list((await router.forward(owner, "/fluxkv.v1.KV/MultiGet", part, pb.MultiGetResponse)).results)
+
+            results = await router.split(keys, local, remote)
+        size = sum(len(r.value) for r in results)
         if size > self._limits.max_batch:
             raise KVError(
                 ErrorKind.RESOURCE_EXHAUSTED,
@@ -169,6 +181,18 @@ class KVHandlers:
             )
         return pb.MultiGetResponse(results=results)
 
+    def _gets(self, keys: Sequence[str]) -> list[pb.GetResponse]:
+        results = []
+        for key in keys:
+            item = self._store.get(key)
+            if item is None:
+                results.append(pb.GetResponse())
+            else:
+                results.append(
+                    pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
+                )
+        return results
+
     async def multi_set(self, request: pb.MultiSetRequest) -> pb.MultiSetResponse:
         items = request.items
         self._limits.items(len(items), "MultiSet")
@@ -176,21 +200,36 @@ class KVHandlers:
         size = 0
         for i, item in enumerate(items):
             expects.append(self._limits.set_request(item, f"items[{i}]: "))
-            size += len(item.key.encode()) + len(item.value)
+            size += _item_bytes(item)
         if size > self._limits.max_batch:
             raise invalid(
                 f"MultiSet carries {size} bytes of keys and values, over the limit of "
                 f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES)"
             )
+        if self._router is None:
+            return pb.MultiSetResponse(results=await self._sets(items, expects, size))
+        router = self._router
+
+        async def local(indexes: list[int]) -> list[pb.SetResult]:
+            mine = [items[i] for i in indexes]
+            return await self._sets(mine, [expects[i] for i in indexes], sum(_item_bytes(i) for i in mine))
+
+        async def remote(owner: str, indexes: list[int]) -> list[pb.SetResult]:
+            part = pb.MultiSetRequest(items=[items[i] for i in indexes])
+            return list((await router.forward(owner, "/fluxkv.v1.KV/MultiSet", part, pb.MultiSetResponse)).results)
+
+        return pb.MultiSetResponse(results=await router.split([i.key for i in items], local, remote))
+
+    async def _sets(self, items: Sequence[pb.SetRequest], expects: list[int | None], size: int) -> list[pb.SetResult]:
         if self._gate is not None:
-            await self._gate.admit(len(items), size, deadline.time_remaining.get())
+            await self._gate.admit(len(items), size, call_context.time_remaining)
         results = []
         for item, expect in zip(items, expects, strict=True):
             outcome = self._store.set(item.key, item.value, item.ttl_ms, expect)
             results.append(
                 pb.SetResult(applied=outcome.applied, revision=outcome.revision, created=not outcome.existed)
             )
-        return pb.MultiSetResponse(results=results)
+        return results
 
     async def scan(self, request: pb.ScanRequest) -> pb.ScanResponse:
         limit = request.limit or min(DEFAULT_SCAN_LIMIT, self._limits.max_items)
@@ -250,22 +289,29 @@ class KVHandlers:
 class CompatHandlers:
     """service.KVService, Flux-KV's wire API."""
 
-    def __init__(self, store: Store, settings: Settings, gate: CdcQueue | None = None) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, gate: CdcQueue | None = None, router: Router | None = None
+    ) -> None:
         self._store = store
         self._limits = Limits(settings)
         self._gate = gate
+        self._router = router
 
     async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
         self._limits.key(request.key)
         value = request.value.encode()
         self._limits.value(len(value))
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/service.KVService/Set", request, compat_pb2.SetResponse)
         if self._gate is not None:
-            await self._gate.admit(1, len(request.key) + len(value), deadline.time_remaining.get())
+            await self._gate.admit(1, len(request.key) + len(value), call_context.time_remaining)
         self._store.set(request.key, value)
         return compat_pb2.SetResponse(success=True)
 
     async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:
         self._limits.key(request.key)
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/service.KVService/Get", request, compat_pb2.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return compat_pb2.GetResponse(found=False)
@@ -281,10 +327,16 @@ class CompatHandlers:
 
     async def delete(self, request: compat_pb2.DelRequest) -> compat_pb2.DelResponse:
         self._limits.key(request.key)
+        if self._router is not None and (owner := self._router.remote_owner(request.key)):
+            return await self._router.forward(owner, "/service.KVService/Del", request, compat_pb2.DelResponse)
         if self._gate is not None:
-            await self._gate.admit(1, len(request.key), deadline.time_remaining.get())
+            await self._gate.admit(1, len(request.key), call_context.time_remaining)
         self._store.delete(request.key)
         return compat_pb2.DelResponse(success=True)
+
+
+def _item_bytes(item: pb.SetRequest) -> int:
+    return len(item.key.encode()) + len(item.value)
 
 
 def _condition_failed(key: str, expected: int | None, current: int) -> KVError:

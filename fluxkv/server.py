@@ -14,12 +14,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fluxkv import __version__, config, logs
+from fluxkv import __version__, config, logs, workers
 from fluxkv.cdc_publisher import CdcCounters, CdcPublisher
 from fluxkv.cdc_queue import CdcQueue
+from fluxkv.discovery import Discovery
+from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.expiry import ActiveExpiry
+from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers
+from fluxkv.registration import Registration
 from fluxkv.store import Store
 from fluxkv.watch import WatchHub
 
@@ -55,8 +59,17 @@ class Node:
             self.cdc = CdcPublisher(queue, settings)
             if settings.cdc_full_policy == "block":
                 gate = queue
-        kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub)
-        compat = CompatHandlers(self.store, settings, gate)
+        # Cluster membership, when etcd is configured: set up at start(),
+        # once the port (and so the address to register) is known.
+        self._etcd: EtcdClient | None = None
+        self._registration: Registration | None = None
+        self._discovery: Discovery | None = None
+        self._cluster_tasks: list[asyncio.Task[None]] = []
+        self.router: Router | None = None
+        if settings.etcd_endpoints:
+            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes)
+        kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub, router=self.router)
+        compat = CompatHandlers(self.store, settings, gate, self.router)
         self._transport = GrpcTransport(
             {
                 "fluxkv.v1.KV": {
@@ -79,25 +92,69 @@ class Node:
         return int(self.address.rsplit(":", 1)[1])
 
     async def start(self) -> None:
-        """Bind (OSError if the address is taken), serve, start background tasks."""
+        """Bind (OSError if the address is taken), serve, start background tasks.
+        With etcd and FLUX_ETCD_AT_START=fail, EtcdError if etcd cannot be reached."""
         s = self.settings
         port = self._transport.bind(s.host, s.port)
         self.address = f"{s.host}:{port}"
         self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
+        if self.router is not None:
+            await self._join_prepare(advertised_address(s, port))
         await self._transport.start()
+        if self.router is not None:
+            await self._join()
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
+        etcd = "no etcd registration"
+        if self._registration is not None:
+            etcd = f"etcd registration {self._registration.key} {self._registration.state}"
         cdc = "no CDC publishing"
         if self.cdc is not None:
             self._cdc_task = asyncio.create_task(self.cdc.run(self.node_id, self.store.epoch), name="fluxkv-cdc")
             cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {s.cdc_full_policy} when full)"
         self._started = time.monotonic()
         log.info(
-            "fluxkv %s node %s serving on %s (no etcd registration, %s, no persistence)",
+            "fluxkv %s node %s serving on %s (%s, %s, no persistence)",
             self.version,
             self.node_id,
             self.address,
+            etcd,
             cdc,
         )
+
+    async def _join_prepare(self, advertised: str) -> None:
+        """Read the cluster's members before serving (with FLUX_ETCD_AT_START=fail,
+        an unreachable etcd stops the start here)."""
+        s = self.settings
+        assert self.router is not None
+        self.router.address = advertised
+        self._etcd = EtcdClient(s.etcd_endpoints, s.etcd_timeout_s)
+        self._registration = Registration(self._etcd, s.etcd_prefix, advertised, s.etcd_lease_ttl_s)
+        self._discovery = Discovery(self._etcd, s.etcd_prefix)
+        self._discovery.on_change(self.router.update)
+        try:
+            await self._discovery.read()
+        except EtcdError as exc:
+            if s.etcd_at_start == "fail":
+                await self._etcd.close()
+                raise
+            log.warning("etcd unreachable at start (%s): serving unregistered, retrying in the background", exc)
+
+    async def _join(self) -> None:
+        """Register now that the node serves, then keep registration and membership current."""
+        assert self._registration is not None and self._discovery is not None
+        try:
+            await self._registration.register()
+        except EtcdError as exc:
+            if self.settings.etcd_at_start == "fail":
+                await self._transport.stop(0)
+                assert self._etcd is not None
+                await self._etcd.close()
+                raise
+            log.warning("cannot register in etcd yet (%s); retrying in the background", exc)
+        self._cluster_tasks = [
+            asyncio.create_task(self._registration.run(), name="fluxkv-etcd-registration"),
+            asyncio.create_task(self._discovery.run(), name="fluxkv-etcd-discovery"),
+        ]
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish, stop background tasks."""
@@ -107,6 +164,14 @@ class Node:
             self.watch_hub.watchers,
             grace,
         )
+        if self._registration is not None:
+            # Leave the ring first, so that clients stop sending calls here.
+            for task in self._cluster_tasks[:1]:
+                task.cancel()
+            try:
+                await asyncio.wait_for(self._registration.revoke(), self.settings.etcd_timeout_s)
+            except TimeoutError:
+                log.warning("shutdown: etcd did not answer in time; the registration expires with its lease")
         # Watches never finish on their own: end them now, not after the grace period.
         self.watch_hub.close()
         await self._transport.stop(grace)
@@ -115,6 +180,13 @@ class Node:
             await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.cdc is not None and self._cdc_task is not None:
             await self._flush_cdc(self.cdc, self._cdc_task)
+        for task in self._cluster_tasks:
+            task.cancel()
+        await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
+        if self.router is not None:
+            await self.router.close()
+        if self._etcd is not None:
+            await self._etcd.close()
         log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
 
     async def _flush_cdc(self, cdc: CdcPublisher, task: asyncio.Task[None]) -> None:
@@ -141,7 +213,7 @@ class Node:
     async def wait_failed(self) -> None:
         """Wait until a background task ends on its own (it must not), then raise."""
         assert self._expiry_task is not None
-        tasks = [t for t in (self._expiry_task, self._cdc_task) if t is not None]
+        tasks = [t for t in (self._expiry_task, self._cdc_task, *self._cluster_tasks) if t is not None]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
@@ -163,10 +235,19 @@ class Node:
         cdc = ("cdc", "disabled", "FLUX_RABBITMQ_URL is empty: changes are not published")
         if self.cdc is not None:
             cdc = ("cdc", self.cdc.connection, self.cdc.describe())
+        etcd = ("etcd", "disabled", "FLUX_ETCD_ENDPOINTS is empty: the node runs on its own")
+        if self._registration is not None and self._discovery is not None and self.router is not None:
+            etcd = (
+                "etcd",
+                self._registration.state,
+                f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
+                f"{self.router.forwarded} calls forwarded to their key's owner",
+            )
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
             ("watch", "running", self.watch_hub.describe()),
+            etcd,
         ]
 
     def cdc_counters(self) -> CdcCounters | None:
@@ -187,6 +268,9 @@ async def serve(settings: config.Settings) -> int:
     except OSError as exc:
         log.error("%s", exc)
         return 1
+    except EtcdError as exc:
+        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc)
+        return 1
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(node.wait_failed())
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
@@ -198,6 +282,25 @@ async def serve(settings: config.Settings) -> int:
     stopped.cancel()
     await node.stop()
     return status
+
+
+def advertised_address(settings: config.Settings, port: int) -> str:
+    """The address this node registers: FLUX_POD_IP, else the listen address,
+    else (listening on every interface) the IP of this host's default route."""
+    host = settings.pod_ip or settings.host
+    if host in ("0.0.0.0", "::"):
+        host = _outbound_ip()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _outbound_ip() -> str:
+    # Connecting a UDP socket sends nothing; it only picks the route's source address.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+            return str(probe.getsockname()[0])
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
@@ -216,4 +319,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure(settings.log_level)
     for name in config.unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting", name)
+    if settings.workers > 1:
+        sys.exit(asyncio.run(workers.supervise(settings)))
     sys.exit(asyncio.run(serve(settings)))
+
+
+if __name__ == "__main__":  # how --workers starts each worker
+    main()

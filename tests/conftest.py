@@ -24,6 +24,7 @@ from fluxkv import config
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.server import Node
 
+from .etcd_server import etcd_server  # noqa: F401 (a fixture for every test module)
 from .rabbitmq_broker import rabbit_broker  # noqa: F401 (a fixture for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -203,6 +203,7 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> No
         ("active_expiry", "running"),
         ("cdc", "disabled"),
         ("watch", "running"),
+        ("etcd", "disabled"),
     ]
 
 

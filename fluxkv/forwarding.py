@@ -1,0 +1,114 @@
+"""Serving keys this node does not own, when it is part of a cluster: the node
+forwards the call to the key's owner (by the consistent-hash ring of the nodes
+registered in etcd) and relays the answer. A client that routes by the ring,
+as fluxkv.Client does, never needs this; a plain gRPC client (or Flux-KV's,
+which hashes keys its own way) still gets a correct answer, for one more hop.
+
+A forwarded call carries the metadata call_context.FORWARDED_BY, and the node
+receiving it serves it itself: a call is forwarded at most once, even while
+two nodes briefly disagree about the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from fluxkv import call_context
+from fluxkv.errors import ErrorKind, KVError
+from fluxkv.hash_ring import HashRing
+
+M = TypeVar("M", bound=Message)
+
+# How a forwarded call's failure reaches the caller: the owner's status, as is.
+_KIND_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_ARGUMENT,
+    grpc.StatusCode.ABORTED: ErrorKind.ABORTED,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorKind.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE: ErrorKind.OUT_OF_RANGE,
+}
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class Router:
+    def __init__(self, address: str, vnodes: int, max_message_bytes: int) -> None:
+        self.address = address
+        self._vnodes = vnodes
+        self._ring: HashRing | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self.forwarded = 0
+
+    def update(self, addresses: frozenset[str]) -> None:
+        """The registered nodes changed. With none (etcd not read yet, or this
+        node alone and unregistered), the node serves every key itself."""
+        self._ring = HashRing(addresses, self._vnodes) if addresses else None
+        for gone in set(self._channels) - addresses:
+            channel = self._channels.pop(gone)
+            asyncio.get_running_loop().create_task(channel.close())
+
+    def remote_owner(self, key: str) -> str | None:
+        """The owner of `key` when this call must be forwarded to it, else None."""
+        if self._ring is None:
+            return None
+        owner = self._ring.owner(key)
+        if owner == self.address or call_context.forwarded():
+            return None
+        return owner
+
+    async def forward(self, owner: str, method: str, request: Message, response: type[M]) -> M:
+        """Make the same call on `owner`, within what is left of the caller's deadline."""
+        channel = self._channels.get(owner)
+        if channel is None:
+            channel = self._channels[owner] = grpc.aio.insecure_channel(owner, options=self._options)
+        call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response.FromString)
+        self.forwarded += 1
+        try:
+            answer: M = await call(
+                request,
+                timeout=call_context.time_remaining() or DEFAULT_TIMEOUT_S,
+                metadata=((call_context.FORWARDED_BY, self.address),),
+            )
+        except grpc.aio.AioRpcError as exc:
+            kind = _KIND_OF.get(exc.code(), ErrorKind.UNAVAILABLE)
+            raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)") from None
+        return answer
+
+    async def split(
+        self,
+        keys: Sequence[str],
+        local: Callable[[list[int]], Awaitable[list[Any]]],
+        remote: Callable[[str, list[int]], Awaitable[list[Any]]],
+    ) -> list[Any]:
+        """Serve a multi-key call: group the items by owner, serve this node's
+        with `local(indexes)` and each other owner's with `remote(owner,
+        indexes)`, all at once; return the results in request order."""
+        groups: dict[str | None, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(self.remote_owner(key), []).append(i)
+        if list(groups) == [None]:
+            return await local(groups[None])
+        parts = await asyncio.gather(
+            *(local(indexes) if owner is None else remote(owner, indexes) for owner, indexes in groups.items())
+        )
+        results: list[Any] = [None] * len(keys)
+        for indexes, part in zip(groups.values(), parts, strict=True):
+            for i, result in zip(indexes, part, strict=True):
+                results[i] = result
+        return results
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()))
+        self._channels.clear()
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
