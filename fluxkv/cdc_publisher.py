@@ -142,6 +142,11 @@ class CdcPublisher:
             try:
                 connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
                 exchange = await self._declare(connection)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # aiormq can swallow a cancellation that arrives while it
+                    # connects; the task was asked to stop, so stop.
+                    raise asyncio.CancelledError
                 self.connection = "connected"
                 log.info(
                     "CDC connected to %s: publishing to exchange %r (%s)%s",
