@@ -7,22 +7,19 @@ to that minimum, and this keeps it at 1 s, so lease-expiry tests can use a 1 s T
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-from types import TracebackType
 
 import pytest
 
+from .private_server import PrivateServer
 from .rabbitmq_broker import free_port
 
 HOST = "127.0.0.1"
@@ -40,7 +37,7 @@ class EtcdServerError(RuntimeError):
     """The private etcd failed to start or to stop."""
 
 
-class EtcdServer:
+class EtcdServer(PrivateServer):
     """A single-member etcd cluster on 127.0.0.1, started by start() and gone after close().
 
     The ports and the data directory stay the same across stop()/kill() and start(), so keys and leases survive a
@@ -49,16 +46,14 @@ class EtcdServer:
 
     def __init__(self, start_timeout: float = START_TIMEOUT_S) -> None:
         self.name = f"fluxkvtest-{os.getpid()}-{next(_numbers)}"
+        super().__init__(f"etcd {self.name}", EtcdServerError)
         self.start_timeout = start_timeout
-        self.base_dir = Path(tempfile.mkdtemp(prefix="fluxkv-etcd-"))
         self.data_dir = self.base_dir / "data"  # etcd's keys, leases and WAL; delete it while stopped to lose them
         self.client_port = free_port()
         self.peer_port = free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
         self._log = self.base_dir / "etcd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        atexit.register(self.close)
 
     @property
     def endpoint(self) -> str:
@@ -130,33 +125,6 @@ class EtcdServer:
             proc.kill()
         proc.wait()
         self._proc = None
-
-    def close(self) -> None:
-        """Kill etcd if it runs and delete its files; safe to call again."""
-        atexit.unregister(self.close)
-        try:
-            if self._proc is not None:
-                self.kill()
-        finally:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> EtcdServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _running_process(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise EtcdServerError(f"etcd {self.name} is not running")
-        return self._proc
 
     def _wait_healthy(self, deadline: float) -> None:
         """Poll /health, which answers true once the member has a leader and serves reads."""

@@ -7,21 +7,19 @@ directory. Nothing of /etc/rabbitmq applies to it, and it enables no plugins (so
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import pytest
+
+from .private_server import PrivateServer
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the real scripts; /usr/sbin/rabbitmq-server would `su rabbitmq`
 HOST = "127.0.0.1"
@@ -48,7 +46,7 @@ def free_port() -> int:
             return port
 
 
-class RabbitBroker:
+class RabbitBroker(PrivateServer):
     """A private RabbitMQ node on 127.0.0.1, started by start() and gone after close().
 
     The node name, data directory and AMQP port stay the same across stop()/kill() and start(), so durable
@@ -58,15 +56,13 @@ class RabbitBroker:
 
     def __init__(self, start_timeout: float = START_TIMEOUT_S) -> None:
         self.node = f"fluxkvtest-{os.getpid()}-{next(_node_numbers)}@localhost"
+        super().__init__(self.node, RabbitBrokerError)
         self.start_timeout = start_timeout
-        self.base_dir = Path(tempfile.mkdtemp(prefix="fluxkv-rabbitmq-"))
         self._port = free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._output = self.base_dir / "output.log"  # the node's console: boot errors and its log
         self._pid_file = self.base_dir / "node.pid"
         self._env = self._configure()
-        atexit.register(self.close)
 
     @property
     def port(self) -> int:
@@ -166,33 +162,6 @@ class RabbitBroker:
         """stop() then start(): same node name, data and AMQP port."""
         self.stop()
         self.start()
-
-    def close(self) -> None:
-        """Kill the node if it runs and delete its files; safe to call again."""
-        atexit.unregister(self.close)
-        try:
-            if self._proc is not None:
-                self.kill()
-        finally:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> RabbitBroker:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _running_process(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise RabbitBrokerError(f"{self.node} is not running")
-        return self._proc
 
     def _wait_for_amqp_port(self, deadline: float) -> None:
         proc = self._running_process()
