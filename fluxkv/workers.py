@@ -78,7 +78,8 @@ async def supervise(settings: config.Settings) -> int:
             w.proc.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*keepers)
     log.info("every worker stopped")
-    return 0 if all(code == 0 for code in codes) else 1
+    # -SIGTERM: a worker still starting (no handler yet, nothing served) ended by our signal.
+    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
 
 
 async def _keep_running(worker: _Worker, stop: asyncio.Event) -> int:

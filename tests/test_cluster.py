@@ -5,6 +5,7 @@ keys a node does not own, and --workers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
-from fluxkv import Client, EtcdNodes
+from fluxkv import Client, EtcdNodes, KeyValue, SyncClient
 from fluxkv.call_context import FORWARDED_BY
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.hash_ring import HashRing
@@ -278,3 +279,25 @@ def test_the_command_line_finds_the_nodes_in_etcd(etcd_server: EtcdServer, prefi
         assert a.address in info.stdout
     nobody = run_cli("--etcd", etcd_server.endpoint, "--etcd-prefix", "/nobody/", "get", "k")
     assert nobody.returncode == 3 and "no node is registered under /nobody/" in nobody.stderr
+
+
+def test_the_blocking_client_follows_etcd(etcd_server: EtcdServer, prefix: str) -> None:
+    with server_process(env=cluster_env(etcd_server, prefix)) as node:
+        with SyncClient.from_etcd([etcd_server.endpoint], prefix=prefix, timeout=5) as client:
+            client.set("sync", b"twin")
+            assert client.get("sync") == KeyValue("sync", b"twin", 1, 0)
+        with grpc.insecure_channel(node.address) as channel:
+            assert kv_pb2_grpc.KVStub(channel).Get(pb.GetRequest(key="sync")).value == b"twin"
+
+
+async def test_a_worker_that_dies_is_started_again(etcd_server: EtcdServer, etcd: EtcdClient, prefix: str) -> None:
+    with server_process("--workers", "2", env=cluster_env(etcd_server, prefix)) as parent:
+        await eventually(lambda: _count_registered(etcd, prefix, 2), "both workers register")
+        first = re.search(r"worker 0 started \(pid (\d+)\)", parent.log)
+        assert first
+        os.kill(int(first.group(1)), signal.SIGKILL)
+        await eventually(lambda: parent.log.count("worker 0 started") == 2, "the parent starts worker 0 again")
+        assert re.search(r"worker 0 \(pid \d+\) exited with status -9; starting it again in 1 s", parent.log)
+        await eventually(lambda: parent.log.count("serving on") == 3, "the new worker 0 serves")
+        await eventually(lambda: _count_registered(etcd, prefix, 2), "the new worker 0 registers")
+        assert parent.stop(signal.SIGTERM) == 0, parent.log
