@@ -62,6 +62,8 @@ class Settings:
     pod_ip: str = ""
     ring_vnodes: int = 160
     workers: int = 1
+    pprof_enabled: bool = False
+    pprof_port: int = 6060
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Setting:
     def shown_default(self) -> str:
         """The default as a variable's value, as the README's table shows it."""
         d = self.default
+        if isinstance(d, bool):
+            return str(d).lower()
         text = ",".join(d) if isinstance(d, tuple) else str(d)
         return text or '""'
 
@@ -143,6 +147,15 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return _int(1, 256)(text)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
 
 
 def _host(text: str) -> str:
@@ -320,6 +333,18 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_WORKERS",
         "Worker processes, each an independent node on its own port (port, port+1, ...); auto: one per core.",
         _workers,
+    ),
+    Setting(
+        "pprof_enabled",
+        "FLUX_PPROF_ENABLED",
+        "Serve CPU profiles of the node (py-spy) over HTTP on FLUX_SERVER_HOST, at /debug/pprof/, as Flux-KV's pprof.",
+        _bool,
+    ),
+    Setting(
+        "pprof_port",
+        "FLUX_PPROF_PORT",
+        "HTTP port of the profiling endpoint; 0 picks a free port. Worker i listens on this port + i.",
+        _int(0, 65535),
     ),
 )
 

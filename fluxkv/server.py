@@ -23,6 +23,7 @@ from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers
+from fluxkv.profiling import ProfilingServer
 from fluxkv.registration import Registration
 from fluxkv.store import Store
 from fluxkv.watch import WatchHub
@@ -68,6 +69,10 @@ class Node:
         self.router: Router | None = None
         if settings.etcd_endpoints:
             self.router = Router("", settings.ring_vnodes, settings.max_message_bytes)
+        # CPU profiles over HTTP (FLUX_PPROF_ENABLED), served once the node serves.
+        self.pprof: ProfilingServer | None = None
+        if settings.pprof_enabled:
+            self.pprof = ProfilingServer(settings.host, settings.pprof_port)
         kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub, router=self.router)
         compat = CompatHandlers(self.store, settings, gate, self.router)
         self._transport = GrpcTransport(
@@ -101,6 +106,14 @@ class Node:
         if self.router is not None:
             await self._join_prepare(advertised_address(s, port))
         await self._transport.start()
+        if self.pprof is not None:
+            try:
+                await self.pprof.start()
+            except OSError:  # its port is taken: stop serving, as when gRPC's is
+                await self._transport.stop(0)
+                if self._etcd is not None:
+                    await self._etcd.close()
+                raise
         if self.router is not None:
             await self._join()
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
@@ -146,6 +159,8 @@ class Node:
             await self._registration.register()
         except EtcdError as exc:
             if self.settings.etcd_at_start == "fail":
+                if self.pprof is not None:
+                    await self.pprof.stop()
                 await self._transport.stop(0)
                 assert self._etcd is not None
                 await self._etcd.close()
@@ -174,6 +189,8 @@ class Node:
                 log.warning("shutdown: etcd did not answer in time; the registration expires with its lease")
         # Watches never finish on their own: end them now, not after the grace period.
         self.watch_hub.close()
+        if self.pprof is not None:  # started after the transport: stopped before it
+            await self.pprof.stop()
         await self._transport.stop(grace)
         if self._expiry_task is not None:
             self._expiry_task.cancel()
@@ -243,11 +260,15 @@ class Node:
                 f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
                 f"{self.router.forwarded} calls forwarded to their key's owner",
             )
+        pprof = ("pprof", "disabled", "FLUX_PPROF_ENABLED is false: no profiling endpoint")
+        if self.pprof is not None:
+            pprof = ("pprof", "running", self.pprof.describe())
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
             ("watch", "running", self.watch_hub.describe()),
             etcd,
+            pprof,
         ]
 
     def cdc_counters(self) -> CdcCounters | None:

@@ -35,6 +35,7 @@ def worker_environment(settings: config.Settings, index: int) -> dict[str, str]:
     env = {s.env: _as_variable(getattr(settings, s.field)) for s in config.SETTINGS}
     env["FLUX_WORKERS"] = "1"
     env["FLUX_SERVER_PORT"] = str(settings.port + index if settings.port else 0)
+    env["FLUX_PPROF_PORT"] = str(settings.pprof_port + index if settings.pprof_port else 0)
     if settings.node_id:
         env["FLUX_NODE_ID"] = f"{settings.node_id}-{index}"
     return env
