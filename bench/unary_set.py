@@ -17,7 +17,6 @@ import collections
 import json
 import math
 import os
-import platform
 import random
 import re
 import signal
@@ -34,11 +33,11 @@ from typing import Any
 
 import aio_pika
 import grpc
-from google.protobuf import __version__ as protobuf_version
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fluxkv.bench_report import machine  # noqa: E402
 from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
@@ -168,29 +167,6 @@ async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.
     n = args.requests
     return Run(server.name, rnd, len(lat), failed, seconds, len(lat) / seconds, q[49] * 1e3, q[98] * 1e3,
                server_cpu / n, client_cpu / n)  # fmt: skip
-
-
-def machine() -> dict[str, Any]:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-
-    def git(*argv: str) -> str:
-        r = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": protobuf_version,
-        "commit": commit,
-    }
 
 
 def summarize(runs: list[Run], name: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import multiprocessing
 import os
 import queue
@@ -28,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fluxkv import __version__
+from fluxkv import __version__, arguments
 from fluxkv.bench_load import (
     BATCH_WORKLOADS,
     PRELOADED_WORKLOADS,
@@ -365,30 +364,6 @@ def _plan(args: argparse.Namespace, nodes: list[str]) -> Plan:
     )
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if number < low or (high is not None and number > high):
-            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
-        return number
-
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
-    return number
-
-
 def _ratio(text: str) -> float:
     try:
         number = float(text)
@@ -397,13 +372,6 @@ def _ratio(text: str) -> float:
     if not 0 <= number <= 1:
         raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text!r}")
     return number
-
-
-def _addresses(text: str) -> list[str]:
-    addresses = [a.strip() for a in text.split(",") if a.strip()]
-    if not addresses or not all(a.rpartition(":")[2].isdigit() for a in addresses):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
-    return addresses
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -418,47 +386,53 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "-c",
         "--concurrency",
-        type=_int(1),
+        type=arguments.integer(1),
         default=100,
         metavar="N",
         help="requests in flight, over all channels and processes (default 100); with --rate, the most in flight",
     )
     amount = load.add_mutually_exclusive_group()
     amount.add_argument(
-        "-n", "--requests", type=_int(1), metavar="N", help=f"measured requests (default {DEFAULT_REQUESTS})"
+        "-n",
+        "--requests",
+        type=arguments.integer(1),
+        metavar="N",
+        help=f"measured requests (default {DEFAULT_REQUESTS})",
     )
-    amount.add_argument("--duration", type=_positive, metavar="SECONDS", help="measure for this long instead of -n")
+    amount.add_argument(
+        "--duration", type=arguments.positive, metavar="SECONDS", help="measure for this long instead of -n"
+    )
     load.add_argument(
         "--rate",
-        type=_positive,
+        type=arguments.positive,
         metavar="N",
         help="open loop: send N requests per second in all, each latency measured from the "
         "request's due time (default: closed loop)",
     )
     load.add_argument(
         "--conns",
-        type=_int(1),
+        type=arguments.integer(1),
         default=1,
         metavar="N",
         help="gRPC channels (connections) to each node, per process (default 1)",
     )
     load.add_argument(
         "--processes",
-        type=_int(1),
+        type=arguments.integer(1),
         default=1,
         metavar="N",
         help="client processes sharing -c, -n, --warmup and --rate (default 1)",
     )
     load.add_argument(
         "--warmup",
-        type=_int(0),
+        type=arguments.integer(0),
         default=1000,
         metavar="N",
         help="unmeasured requests before the measured ones (default 1000)",
     )
     load.add_argument(
         "--timeout",
-        type=_positive,
+        type=arguments.positive,
         default=10.0,
         metavar="SECONDS",
         help="deadline of each call (default 10); a call past it fails with DEADLINE_EXCEEDED",
@@ -474,14 +448,14 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument(
         "-P",
         "--batch",
-        type=_int(1, MAX_BATCH),
+        type=arguments.integer(1, MAX_BATCH),
         metavar="N",
         help=f"mset, mget: keys per call (default {DEFAULT_BATCH})",
     )
     work.add_argument(
         "-d",
         "--value-size",
-        type=_int(0, 64 * 1024 * 1024),
+        type=arguments.integer(0, 64 * 1024 * 1024),
         default=100,
         metavar="BYTES",
         help="value size (default 100)",
@@ -489,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument(
         "-r",
         "--keyspace",
-        type=_int(1),
+        type=arguments.integer(1),
         default=100_000,
         metavar="N",
         help="distinct keys, drawn uniformly at random (default 100000)",
@@ -504,13 +478,16 @@ def _parser() -> argparse.ArgumentParser:
     nodes = where.add_mutually_exclusive_group()
     nodes.add_argument(
         "--addr",
-        type=_addresses,
+        type=arguments.endpoints,
         action="append",
         metavar="HOST:PORT",
         help=f"a node; repeat or separate with commas to route over several by the ring (default {DEFAULT_ADDR})",
     )
     nodes.add_argument(
-        "--etcd", type=_addresses, metavar="HOST:PORT[,...]", help="find the nodes in etcd and route by the ring"
+        "--etcd",
+        type=arguments.endpoints,
+        metavar="HOST:PORT[,...]",
+        help="find the nodes in etcd and route by the ring",
     )
     where.add_argument(
         "--etcd-prefix",
@@ -520,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--vnodes",
-        type=_int(1, 4096),
+        type=arguments.integer(1, 4096),
         default=Settings.ring_vnodes,
         metavar="N",
         help=f"the ring's points per node, as the nodes' FLUX_RING_VNODES (default {Settings.ring_vnodes})",
@@ -535,7 +512,7 @@ def _parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument(
         "--server-pid",
-        type=_int(1),
+        type=arguments.integer(1),
         metavar="PID",
         help="report the server's CPU per request (this process and its children)",
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from fluxkv import __version__
+from fluxkv import __version__, arguments
 from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
@@ -269,36 +268,6 @@ def _key(text: str) -> str:
     return text
 
 
-def _int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"{number} is out of range ({low} to {high})")
-        return number
-
-    return parse
-
-
-def _endpoints(text: str) -> list[str]:
-    endpoints = [e.strip() for e in text.split(",") if e.strip()]
-    if not endpoints:
-        raise argparse.ArgumentTypeError("expected etcd endpoints such as 127.0.0.1:2379")
-    return endpoints
-
-
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return seconds
-
-
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The parser, and the mset subparser (for its usage errors)."""
     parser = argparse.ArgumentParser(
@@ -311,7 +280,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser.add_argument("--addr", default=DEFAULT_ADDR, metavar="HOST:PORT", help=f"the node (default {DEFAULT_ADDR})")
     parser.add_argument(
         "--etcd",
-        type=_endpoints,
+        type=arguments.endpoints,
         metavar="HOST:PORT[,...]",
         help="find the nodes in etcd instead of --addr: a key's command goes to its owner, scan and info to every node",
     )
@@ -322,17 +291,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help=f"the nodes' registration prefix (default {Settings.etcd_prefix})",
     )
     parser.add_argument(
-        "--vnodes", type=_int(1, 4096), default=Settings.ring_vnodes, metavar="N", help=argparse.SUPPRESS
+        "--vnodes", type=arguments.integer(1, 4096), default=Settings.ring_vnodes, metavar="N", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=arguments.positive,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    int64 = _int(-INT64_MAX - 1, INT64_MAX)
+    int64 = arguments.integer(-INT64_MAX - 1, INT64_MAX)
 
     def command(name: str, run: Command, summary: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary, epilog=EPILOG)
@@ -367,7 +336,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     scan = command("scan", _scan, "List the keys, page by page until the scan is complete.")
     scan.add_argument("--prefix", default="", type=_key, metavar="P", help="only keys that start with P")
     scan.add_argument(
-        "--count", type=_int(1, UINT32_MAX), default=0, metavar="N", help="keys per page (default: the node's, 100)"
+        "--count",
+        type=arguments.integer(1, UINT32_MAX),
+        default=0,
+        metavar="N",
+        help="keys per page (default: the node's, 100)",
     )
     scan.add_argument("--values", action="store_true", help="print KEY<TAB>VALUE")
 
