@@ -110,16 +110,21 @@ def check_broker(url: str) -> None:
         raise Unavailable(f"RabbitMQ at {where} not reachable: {type(exc).__name__}: {exc}") from exc
 
 
-def _ping_redis() -> None:
-    """Raise Unavailable unless Redis answers PING (redis-benchmark would wait forever for it)."""
+# The one key redis-benchmark's SET writes (without -r); deleted after the run.
+REDIS_BENCH_KEY = "key:__rand_int__"
+
+
+def _redis(command: str, expect: bytes) -> None:
+    """Send one inline command; raise Unavailable unless the answer starts with `expect`.
+    PING first: redis-benchmark would wait forever for a Redis that is not there."""
     try:
         with socket.create_connection((HOST, REDIS_PORT), timeout=REDIS_PING_TIMEOUT_S) as sock:
-            sock.sendall(b"PING\r\n")
+            sock.sendall(command.encode() + b"\r\n")
             answer = sock.recv(256)
     except OSError as exc:
         raise Unavailable(f"Redis at {HOST}:{REDIS_PORT} not reachable: {exc}") from exc
-    if not answer.startswith(b"+PONG"):
-        raise Unavailable(f"Redis at {HOST}:{REDIS_PORT} answered PING with {answer.decode(errors='replace')!r}")
+    if not answer.startswith(expect):
+        raise Unavailable(f"Redis at {HOST}:{REDIS_PORT} answered {command} with {answer.decode(errors='replace')!r}")
 
 
 def redis_set(concurrency: int, requests: int, value_size: int) -> dict[str, Any]:
@@ -127,13 +132,15 @@ def redis_set(concurrency: int, requests: int, value_size: int) -> dict[str, Any
     tool = shutil.which("redis-benchmark")
     if tool is None:
         raise Unavailable("redis-benchmark not found on PATH (Debian: apt-get install redis-tools)")
-    _ping_redis()
+    _redis("PING", b"+PONG")
     argv = [tool, "-h", HOST, "-p", str(REDIS_PORT), "-t", "set", "-c", str(concurrency), "-n", str(requests),
             "-d", str(value_size), "--csv", "-q"]  # fmt: skip
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=REDIS_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise Unavailable(f"redis-benchmark did not finish within {REDIS_TIMEOUT_S:.0f} s") from None
+    finally:
+        _redis(f"DEL {REDIS_BENCH_KEY}", b":")
     rows = [row for row in csv.DictReader(done.stdout.splitlines()) if row.get("test") == "SET"]
     if done.returncode != 0 or not rows:
         output = (done.stderr + done.stdout).strip().splitlines()
