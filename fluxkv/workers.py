@@ -8,12 +8,14 @@ other setting is the parent's: the parent hands its settings to each worker
 through the FLUX_* environment. A worker that exits on its own is started
 again (after 1 s, doubling up to 30 s while it keeps failing fast) and the
 parent logs it; SIGTERM or SIGINT to the parent stops every worker gracefully
-(each one deregisters, drains and flushes as a single node does).
+(each one deregisters, drains and flushes as a single node does), and so does
+the parent's death by any signal (on Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -24,6 +26,7 @@ from fluxkv import config
 
 log = logging.getLogger("fluxkv.workers")
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 # A worker that ran this long before exiting is restarted after RESTART_MIN_S again.
@@ -41,6 +44,15 @@ def worker_environment(settings: config.Settings, index: int) -> dict[str, str]:
     return env
 
 
+def _stop_with_parent() -> None:
+    """In a new worker, before it runs: have the kernel send it SIGTERM when the
+    parent dies, even by SIGKILL, so that no worker outlives its supervisor
+    (and stays registered with nobody to stop it). Linux only; elsewhere the
+    workers outlive a parent killed without warning."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _as_variable(value: object) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
@@ -55,7 +67,12 @@ class _Worker:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fluxkv.server", env={**os.environ, **self.env}, stdin=asyncio.subprocess.DEVNULL
+            sys.executable,
+            "-m",
+            "fluxkv.server",
+            env={**os.environ, **self.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_stop_with_parent,
         )
         self.started = time.monotonic()
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)

@@ -301,3 +301,21 @@ async def test_a_worker_that_dies_is_started_again(etcd_server: EtcdServer, etcd
         await eventually(lambda: parent.log.count("serving on") == 3, "the new worker 0 serves")
         await eventually(lambda: _count_registered(etcd, prefix, 2), "the new worker 0 registers")
         assert parent.stop(signal.SIGTERM) == 0, parent.log
+
+
+async def test_workers_stop_when_their_parent_is_killed(etcd_server: EtcdServer, etcd: EtcdClient, prefix: str) -> None:
+    with server_process("--workers", "2", env=cluster_env(etcd_server, prefix)) as parent:
+        await eventually(lambda: _count_registered(etcd, prefix, 2), "both workers register")
+        pids = [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", parent.log)]
+        assert parent.stop(signal.SIGKILL) == -signal.SIGKILL
+        # The kernel tells each worker (SIGTERM): they deregister and exit, not waiting for their leases.
+        await eventually(lambda: not any(_alive(pid) for pid in pids), "the workers exit")
+        assert await registered(etcd, prefix) == {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
