@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fluxkv.bench_report import machine  # noqa: E402
+from fluxkv.bench_server import cpu_seconds  # noqa: E402
 from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
@@ -45,15 +46,17 @@ CDC = "fluxkv+cdc"
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SetCall = Callable[..., Awaitable[Any]]
 
 
 class Server:
-    """A server child process; stderr is drained by a thread (last lines kept for errors)."""
+    """A server child process; stderr is drained by a thread (last lines kept for errors).
+    It is ready once `servers` "serving on" lines came (fluxkv-server --workers N says N)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None, servers: int = 1) -> None:
         self.name = name
+        self.servers = servers
+        self.addresses: list[str] = []
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -61,7 +64,6 @@ class Server:
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
         )
-        self.address = ""
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -71,20 +73,23 @@ class Server:
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
             self.tail.append(line)
-            if not self.address and (m := READY.search(line)):
-                self.address = m.group(1)
-                self._ready.set()
+            if m := READY.search(line):
+                self.addresses.append(m.group(1))
+                if len(self.addresses) == self.servers:
+                    self._ready.set()
         self._ready.set()  # exited: wake wait_ready
 
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
     def wait_ready(self) -> None:
-        if not self._ready.wait(START_TIMEOUT_S) or not self.address:
+        if not self._ready.wait(START_TIMEOUT_S) or len(self.addresses) < self.servers:
             raise RuntimeError(f"{self.name} server did not start:\n" + "".join(self.tail))
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process (all its threads), from /proc/PID/stat."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """CPU time of the server process (all its threads) and its children, from /proc."""
+        return cpu_seconds(self.proc.pid)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -94,7 +99,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

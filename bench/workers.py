@@ -11,76 +11,28 @@ import argparse
 import asyncio
 import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unary_set import CLK_TCK, machine, row  # noqa: E402
+from unary_set import Server, machine, row  # noqa: E402
 
 from fluxkv import Client, FluxKVError  # noqa: E402
 
-READY = re.compile(r"serving on (\S+:\d+)")
-STARTED = re.compile(r"worker \d+ started \(pid (\d+)\)")
-START_TIMEOUT_S = 30.0
 COLS = (-6, -10, 9, 9, 9, 16, 8)
 
 
-class Workers:
-    """`fluxkv-server --workers N --port 0`; the workers' addresses and pids come from the log."""
-
-    def __init__(self, n: int) -> None:
-        self.name = f"workers={n}"
-        self.n = n
-        argv = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--workers", str(n)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.addresses: list[str] = []
-        self.pids = [self.proc.pid]
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            if m := STARTED.search(line):
-                self.pids.append(int(m.group(1)))
-            if m := READY.search(line):
-                self.addresses.append(m.group(1))
-                if len(self.addresses) == self.n:
-                    self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self) -> None:
-        if not self._ready.wait(START_TIMEOUT_S) or len(self.addresses) < self.n:
-            raise RuntimeError(f"{self.name}: the workers did not all start")
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for pid in self.pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def workers(n: int) -> Server:
+    """`fluxkv-server --workers N --port 0`: ready once its N workers serve; its CPU counts them all."""
+    argv = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--workers", str(n)]
+    return Server(f"workers={n}", argv, servers=n)
 
 
-async def measure(server: Workers, keys: list[str], value: bytes, args: argparse.Namespace) -> dict[str, float]:
+async def measure(server: Server, keys: list[str], value: bytes, args: argparse.Namespace) -> dict[str, float]:
     async with Client(server.addresses, timeout=10) as client:
         sent = 0
         latencies: list[float] = []
@@ -110,7 +62,7 @@ async def measure(server: Workers, keys: list[str], value: bytes, args: argparse
             "cpu_us_per_req": cpu / args.requests * 1e6, "failed": failed}  # fmt: skip
 
 
-async def bench(servers: list[Workers], keys: list[str], value: bytes, args: argparse.Namespace) -> None:
+async def bench(servers: list[Server], keys: list[str], value: bytes, args: argparse.Namespace) -> None:
     runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
     print("\n" + row(COLS, "round", "server", "QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "failed"))
     for rnd in range(1, args.rounds + 1):
@@ -151,9 +103,9 @@ def main() -> int:
     print(f"settings  {args.requests} requests after {args.warmup} warm-up, {args.concurrency} in flight, "
           f"{args.keyspace} keys, {args.value_size}-byte values, {args.rounds} rounds")  # fmt: skip
     print("client    this process (one asyncio loop); server CPU: the parent and all its workers")
-    servers: list[Workers] = []
+    servers: list[Server] = []
     try:
-        servers = [Workers(1), Workers(2)]
+        servers = [workers(1), workers(2)]
         for s in servers:
             s.wait_ready()
         asyncio.run(bench(servers, keys, value, args))
