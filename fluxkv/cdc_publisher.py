@@ -14,6 +14,12 @@ AMQP messages and publishes them to RabbitMQ with publisher confirms.
   reconnects with exponential backoff and publishes every unconfirmed batch
   again, oldest first, before anything new: delivery is at least once, and a
   consumer that drops (node, epoch, rev) it has seen gets every event in order.
+- With the append-only file on, the publisher publishes a change only once
+  the file holds it (as durably as FLUX_AOF_APPEND_FSYNC promises), records the
+  revision the broker confirmed in the file's checkpoint, and reads from the
+  file whatever is not in the queue: the changes after the checkpoint at
+  start-up, and those the full queue spilled. No acknowledged write is then
+  missing from the stream, even after a crash.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from fluxkv import cdc_events
+from fluxkv.aof import AppendOnlyFile
 from fluxkv.cdc_queue import CdcQueue, record_bytes
 from fluxkv.config import Settings, redact_url
 
@@ -60,24 +67,35 @@ class CdcCounters:
     writes_delayed: int
     writes_refused: int
     confirmed_revision: int
+    spilled: int
 
 
 class _Batch:
-    __slots__ = ("body", "confirmed", "events", "first", "last", "nbytes", "publish")
+    __slots__ = ("body", "confirmed", "events", "first", "held", "last", "nbytes", "publish")
 
-    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes) -> None:
+    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes, held: bool = True) -> None:
         self.first = first
         self.last = last
         self.events = events
-        self.nbytes = nbytes  # what it counts against the queue's byte bound
+        # Whether its events count against the queue's bounds (not when read
+        # from the append-only file), and their bytes there.
+        self.held = held
+        self.nbytes = nbytes
         self.body = body
         self.confirmed = False
         self.publish: asyncio.Future[Any] | None = None
 
 
 class CdcPublisher:
-    def __init__(self, queue: CdcQueue, settings: Settings) -> None:
+    def __init__(self, queue: CdcQueue, settings: Settings, aof: AppendOnlyFile | None = None) -> None:
         self._queue = queue
+        self._aof = aof
+        # With an AOF: the revision to publish next, and the last one that
+        # flush() waits for.
+        self._next = 0
+        self._flush_target = 0
+        if aof is not None:
+            aof.on_progress(self._wake)
         self._url = settings.rabbitmq_url
         self._exchange_name = settings.cdc_exchange
         self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
@@ -119,6 +137,7 @@ class CdcPublisher:
             writes_delayed=q.writes_delayed,
             writes_refused=q.writes_refused,
             confirmed_revision=self.confirmed_revision,
+            spilled=q.spilled,
         )
 
     def describe(self) -> str:
@@ -134,6 +153,15 @@ class CdcPublisher:
     async def run(self, node_id: str, epoch: str) -> None:
         """Publish until cancelled, reconnecting whenever the broker is lost."""
         self._node, self._epoch = node_id, epoch
+        if self._aof is not None:
+            self.confirmed_revision = self._aof.cdc_checkpoint
+            self._next = self.confirmed_revision + 1
+            if self._aof.cdc_safe_revision >= self._next:
+                log.info(
+                    "CDC resumes after revision %d (the checkpoint): %d changes to publish from the append-only file",
+                    self.confirmed_revision,
+                    self._aof.cdc_safe_revision - self.confirmed_revision,
+                )
         where = redact_url(self._url)
         backoff = RECONNECT_MIN_S
         last_error = ""
@@ -181,8 +209,10 @@ class CdcPublisher:
         """Publish what is queued now, without lingering, and wait until the
         broker confirmed all of it or `timeout` passed; True if it did."""
         self._flushing = True
+        if self._aof is not None:
+            self._flush_target = self._aof.last_revision
         self._wake()
-        if self._queue.depth == 0:
+        if self._is_drained():
             return True
         self._drained = asyncio.get_running_loop().create_future()
         try:
@@ -215,9 +245,16 @@ class CdcPublisher:
         while self._failure is None:
             timeout: float | None = None
             self._window_full = False
-            if queue.pending and len(self._in_flight) >= self._max_in_flight:
+            source = self._source()
+            if source is not None and len(self._in_flight) >= self._max_in_flight:
                 self._window_full = True  # a confirm wakes us
-            elif queue.pending:
+            elif source == "file":
+                batch = await self._file_batch()
+                if self._failure is None:
+                    self._send(exchange, batch, again=False)
+                    last_sent = loop.time()
+                continue
+            elif source == "memory":
                 now = loop.time()
                 full = queue.pending_bytes + _EVENT_OVERHEAD * queue.pending >= self._batch_bytes
                 if full or self._flushing or now >= last_sent + self._linger:
@@ -235,15 +272,44 @@ class CdcPublisher:
                 timer.cancel()
         raise self._failure
 
+    def _source(self) -> str | None:
+        """Where the next change to publish is: "memory" (the queue), "file"
+        (the AOF), or None (nothing to publish yet)."""
+        queue = self._queue
+        if self._aof is None:
+            return "memory" if queue.pending else None
+        if self._next > self._aof.cdc_safe_revision:
+            return None  # not in the file yet (as durably as its policy promises)
+        return "memory" if queue.next_revision == self._next else "file"
+
+    async def _file_batch(self) -> _Batch:
+        """The changes from self._next on that the queue does not hold, read from the AOF."""
+        aof = self._aof
+        assert aof is not None
+        until = aof.cdc_safe_revision
+        if self._queue.pending:
+            until = min(until, self._queue.next_revision - 1)
+        records = await asyncio.to_thread(aof.read_changes, self._next - 1, until, self._batch_bytes)
+        if not records or records[0].revision != self._next:
+            raise RuntimeError(f"the append-only file lacks revision {self._next}, which CDC must publish")
+        node, epoch = self._node, self._epoch
+        parts = [cdc_events.encode_event(record, node, epoch) for record in records]
+        self._next = records[-1].revision + 1
+        return _Batch(records[0].revision, records[-1].revision, len(parts), 0, cdc_events.join_events(parts), False)
+
     def _next_batch(self) -> _Batch:
-        """Take pending records until their JSON reaches the batch size."""
+        """Take pending records until their JSON reaches the batch size (with
+        an AOF, only consecutive ones the file already holds)."""
         queue = self._queue
         node, epoch = self._node, self._epoch
         parts: list[bytes] = []
         size = 2
         nbytes = 0
         first = last = 0
+        limit = self._aof.cdc_safe_revision if self._aof is not None else None
         while queue.pending and size < self._batch_bytes:
+            if limit is not None and (queue.next_revision > limit or (last and queue.next_revision != last + 1)):
+                break
             record = queue.take()
             data = cdc_events.encode_event(record, node, epoch)
             parts.append(data)
@@ -252,6 +318,7 @@ class CdcPublisher:
             last = record.revision
             if not first:
                 first = last
+        self._next = last + 1
         return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts))
 
     def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
@@ -298,14 +365,25 @@ class CdcPublisher:
         """Release confirmed batches from the queue, oldest first, up to the
         first unconfirmed one (so confirmed_revision has no holes below it)."""
         in_flight = self._in_flight
+        released = False
         while in_flight and in_flight[0].confirmed:
             batch = in_flight.popleft()
-            self._queue.release(batch.events, batch.nbytes)
+            if batch.held:
+                self._queue.release(batch.events, batch.nbytes)
             self.confirmed += batch.events
             self.confirmed_revision = batch.last
+            released = True
+        if released and self._aof is not None:
+            self._aof.cdc_confirmed(self.confirmed_revision)
         drained = self._drained
-        if drained is not None and not drained.done() and self._queue.depth == 0:
+        if drained is not None and not drained.done() and self._is_drained():
             drained.set_result(None)
+
+    def _is_drained(self) -> bool:
+        """Whether everything flush() waits for is confirmed."""
+        if self._queue.depth:
+            return False
+        return self._aof is None or self.confirmed_revision >= self._flush_target
 
     def _abandon_unconfirmed(self) -> None:
         """The connection is gone: forget its publishes. Unconfirmed batches

@@ -12,6 +12,8 @@ When the queue is full, the policy decides:
   caller waits for them) and may take the queue past its bounds; each one
   removed a key from the store, which freed at least as much memory.
 - "drop": every record that does not fit is dropped and counted.
+- "spill" (the node has an append-only file): every record that does not fit
+  is left out and counted; the publisher reads it back from the file.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class CdcQueue:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.policy = policy
-        self._drop = policy == "drop"
+        # Records that do not fit are left out: dropped, or spilled to the AOF.
+        self._leave_out = policy in ("drop", "spill")
         self._block_timeout = block_timeout_ms / 1000
         self._pending: deque[ChangeRecord] = deque()
         self.depth = 0  # events held: pending + published and unconfirmed
@@ -42,6 +45,7 @@ class CdcQueue:
         self.pending_bytes = 0
         self.queued = 0
         self.dropped = 0
+        self.spilled = 0
         self.writes_delayed = 0
         self.writes_refused = 0
         # Writes waiting for room, first come first served: (events, bytes, future).
@@ -52,8 +56,11 @@ class CdcQueue:
 
     def append(self, record: ChangeRecord) -> None:
         size = record_bytes(record)
-        if self._drop and (self.depth >= self.max_events or self.held_bytes + size > self.max_bytes):
-            self.dropped += 1
+        if self._leave_out and (self.depth >= self.max_events or self.held_bytes + size > self.max_bytes):
+            if self.policy == "drop":
+                self.dropped += 1
+            else:
+                self.spilled += 1
             return
         self._pending.append(record)
         self.depth += 1
@@ -125,6 +132,11 @@ class CdcQueue:
     def pending(self) -> int:
         """Records not yet taken by the publisher."""
         return len(self._pending)
+
+    @property
+    def next_revision(self) -> int:
+        """The revision of the next record to take (0 if none)."""
+        return self._pending[0].revision if self._pending else 0
 
     def take(self) -> ChangeRecord:
         record = self._pending.popleft()

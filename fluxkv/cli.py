@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from fluxkv import __version__, arguments
+from fluxkv import __version__, aof_format, arguments
 from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.offline:
+        try:
+            return int(args.run(None, args))
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return FAILURE
     # The node's answers may be larger than grpcio's default 4 MiB limit for the
     # client (FLUX_MAX_MESSAGE_BYTES is 16 MiB by default): the node bounds them.
     options = [("grpc.max_receive_message_length", -1)]
@@ -202,6 +208,40 @@ def _info(kv: Any, args: argparse.Namespace) -> int:
     return SUCCESS
 
 
+def _rewrite_aof(kv: Any, args: argparse.Namespace) -> int:
+    # A rewrite takes as long as the data takes to write: no --timeout.
+    answer = kv.RewriteAof(pb.RewriteAofRequest())
+    _write(f"rewrote the append-only file in {answer.seconds:.2f} s: {answer.size_before} -> {answer.size_after} bytes")
+    return SUCCESS
+
+
+def _aof_check(_: None, args: argparse.Namespace) -> int:
+    result = aof_format.check(args.file)
+    _write(
+        f"{args.file}: {result.records} records, epoch {result.epoch or '-'}, up to revision "
+        f"{result.last_revision}; {result.good_size} of {result.size} bytes good"
+    )
+    if result.problem is None:
+        return SUCCESS
+    if result.torn:
+        _write(f"{result.problem}: a node cuts it off when it starts")
+    else:
+        _write(f"{result.problem}: a node refuses to start; `fluxkv aof-repair {args.file}` cuts the file there")
+    return NEGATIVE
+
+
+def _aof_repair(_: None, args: argparse.Namespace) -> int:
+    result, backup = aof_format.repair(args.file)
+    if backup is None:
+        _write(f"{args.file}: nothing to repair ({result.records} records, up to revision {result.last_revision})")
+        return SUCCESS
+    _write(
+        f"{args.file}: cut at byte offset {result.good_size}, after {result.records} good records (up to revision "
+        f"{result.last_revision}); {result.size - result.good_size} bytes removed; the original is {backup}"
+    )
+    return SUCCESS
+
+
 # -- output -----------------------------------------------------------------------
 
 
@@ -303,10 +343,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     int64 = arguments.integer(-INT64_MAX - 1, INT64_MAX)
 
-    def command(name: str, run: Command, summary: str) -> argparse.ArgumentParser:
+    def command(name: str, run: Command, summary: str, offline: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary, epilog=EPILOG)
         sub.formatter_class = argparse.RawDescriptionHelpFormatter
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, offline=offline)
         return sub
 
     get = command("get", _get, "Print the value of KEY.")
@@ -345,4 +385,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     scan.add_argument("--values", action="store_true", help="print KEY<TAB>VALUE")
 
     command("info", _info, "Describe the node: identity, revision, size, limits and subsystems.")
+    command("rewrite-aof", _rewrite_aof, "Rewrite (compact) the node's append-only file now; waits until done.")
+    aof_check = command(
+        "aof-check", _aof_check, "Check an append-only file (offline: no node is contacted); 1 if it is damaged.", True
+    )
+    aof_check.add_argument("file", metavar="FILE")
+    aof_repair = command(
+        "aof-repair",
+        _aof_repair,
+        "Cut a damaged append-only file after its last good record, keeping the original as FILE.before-repair "
+        "(offline: stop the node first).",
+        True,
+    )
+    aof_repair.add_argument("file", metavar="FILE")
     return parser, mset

@@ -64,6 +64,11 @@ class Settings:
     workers: int = 1
     pprof_enabled: bool = False
     pprof_port: int = 6060
+    aof_filename: str = ""
+    aof_append_fsync: str = "everysec"
+    aof_rewrite_percent: int = 100
+    aof_rewrite_min_bytes: int = 64 * MIB
+    aof_buffer_bytes: int = 64 * MIB
 
 
 @dataclass(frozen=True)
@@ -243,7 +248,8 @@ SETTINGS: tuple[Setting, ...] = (
         "cdc_full_policy",
         "FLUX_CDC_FULL_POLICY",
         "When the CDC queue is full: block (writes wait for room, then fail with UNAVAILABLE) or drop (writes "
-        "succeed, their events are dropped and counted).",
+        "succeed, their events are dropped and counted). With FLUX_AOF_FILENAME set, neither: the events the queue "
+        "cannot hold are read back from the append-only file (spill).",
         _choice("block", "drop"),
     ),
     Setting(
@@ -345,6 +351,40 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_PPROF_PORT",
         "HTTP port of the profiling endpoint; 0 picks a free port. Worker i listens on this port + i.",
         _int(0, 65535),
+    ),
+    Setting(
+        "aof_filename",
+        "FLUX_AOF_FILENAME",
+        "Path of the append-only file that persists every change and is replayed at start; empty keeps nothing "
+        "on disk. Worker i uses <path>.<i>.",
+        _text,
+    ),
+    Setting(
+        "aof_append_fsync",
+        "FLUX_AOF_APPEND_FSYNC",
+        "When the file is fsynced: always (a write is acknowledged once on disk), everysec (at most a second of "
+        "acknowledged writes is lost in a machine crash) or no (left to the OS).",
+        _choice("always", "everysec", "no"),
+    ),
+    Setting(
+        "aof_rewrite_percent",
+        "FLUX_AOF_REWRITE_PERCENT",
+        "Rewrite (compact) the file in the background once it has grown this many percent past its size after "
+        "the last rewrite; 0 only on demand (fluxkv rewrite-aof).",
+        _int(0),
+    ),
+    Setting(
+        "aof_rewrite_min_bytes",
+        "FLUX_AOF_REWRITE_MIN_BYTES",
+        "No automatic rewrite while the file is smaller than this.",
+        _int(0),
+    ),
+    Setting(
+        "aof_buffer_bytes",
+        "FLUX_AOF_BUFFER_BYTES",
+        "With everysec or no: most key and value bytes of changes waiting for the file's writer; past it, writes "
+        "wait until it catches up.",
+        _int(1),
     ),
 )
 

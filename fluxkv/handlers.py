@@ -14,6 +14,7 @@ from contextlib import aclosing
 from typing import Protocol
 
 from fluxkv import call_context, scan_cursor
+from fluxkv.aof import AofCounters, AppendOnlyFile
 from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import ChangeRecord, Op
@@ -39,6 +40,8 @@ class NodeStatus(Protocol):
     def rss_bytes(self) -> int: ...
     def subsystems(self) -> Sequence[tuple[str, str, str]]: ...
     def cdc_counters(self) -> CdcCounters | None: ...
+    def aof_counters(self) -> AofCounters | None: ...
+    async def rewrite_aof(self) -> tuple[int, int, float]: ...
 
 
 class Limits:
@@ -93,12 +96,33 @@ class Limits:
         return item.expect_revision
 
 
+class WritePath:
+    """What a write goes through besides the store: before it is applied, the
+    append-only file must be writable and (CDC policy "block") the CDC queue
+    must have room; before it is acknowledged, the file must hold it as its
+    fsync policy promises."""
+
+    def __init__(self, gate: CdcQueue | None, aof: AppendOnlyFile | None) -> None:
+        self._gate = gate
+        self._aof = aof
+
+    async def admit(self, events: int, nbytes: int) -> None:
+        if self._aof is not None:
+            self._aof.check_writable()
+        if self._gate is not None:
+            await self._gate.admit(events, nbytes, call_context.time_remaining)
+
+    async def acknowledge(self, revision: int) -> None:
+        aof = self._aof
+        if aof is not None and aof.must_wait(revision):
+            await aof.acknowledged(revision)
+
+
 class KVHandlers:
     """fluxkv.v1.KV
 
-    `gate`: with CDC's "block" policy, the queue every write must first find
-    room in (see CdcQueue.admit); None otherwise. `watch_hub`: the store's
-    recent changes, which Watch streams from.
+    `writes`: see WritePath. `watch_hub`: the store's recent changes, which
+    Watch streams from.
     """
 
     def __init__(
@@ -106,7 +130,7 @@ class KVHandlers:
         store: Store,
         settings: Settings,
         node: NodeStatus,
-        gate: CdcQueue | None = None,
+        writes: WritePath,
         *,
         watch_hub: WatchHub,
         router: Router | None = None,
@@ -114,7 +138,7 @@ class KVHandlers:
         self._store = store
         self._limits = Limits(settings)
         self._node = node
-        self._gate = gate
+        self._writes = writes
         self._router = router
         self._watch_hub = watch_hub
 
@@ -131,11 +155,11 @@ class KVHandlers:
         expect = self._limits.set_request(request)
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/fluxkv.v1.KV/Set", request, pb.SetResponse)
-        if self._gate is not None:
-            await self._gate.admit(1, len(request.key) + len(request.value), call_context.time_remaining)
+        await self._writes.admit(1, len(request.key) + len(request.value))
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
+        await self._writes.acknowledge(outcome.revision)
         return pb.SetResponse(revision=outcome.revision, created=not outcome.existed)
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
@@ -147,11 +171,12 @@ class KVHandlers:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/fluxkv.v1.KV/Delete", request, pb.DeleteResponse)
-        if self._gate is not None:
-            await self._gate.admit(1, len(request.key), call_context.time_remaining)
+        await self._writes.admit(1, len(request.key))
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
+        if outcome.existed:
+            await self._writes.acknowledge(outcome.revision)
         return pb.DeleteResponse(deleted=outcome.existed, revision=outcome.revision)
 
     async def multi_get(self, request: pb.MultiGetRequest) -> pb.MultiGetResponse:
@@ -221,14 +246,18 @@ class KVHandlers:
         return pb.MultiSetResponse(results=await router.split([i.key for i in items], local, remote))
 
     async def _sets(self, items: Sequence[pb.SetRequest], expects: list[int | None], size: int) -> list[pb.SetResult]:
-        if self._gate is not None:
-            await self._gate.admit(len(items), size, call_context.time_remaining)
+        await self._writes.admit(len(items), size)
         results = []
+        last = 0
         for item, expect in zip(items, expects, strict=True):
             outcome = self._store.set(item.key, item.value, item.ttl_ms, expect)
             results.append(
                 pb.SetResult(applied=outcome.applied, revision=outcome.revision, created=not outcome.existed)
             )
+            if outcome.applied:
+                last = outcome.revision
+        if last:
+            await self._writes.acknowledge(last)
         return results
 
     async def scan(self, request: pb.ScanRequest) -> pb.ScanResponse:
@@ -249,6 +278,8 @@ class KVHandlers:
         limits = self._limits
         counters = self._node.cdc_counters()
         cdc = pb.CdcStatus(enabled=True, **dataclasses.asdict(counters)) if counters else pb.CdcStatus()
+        aof_counters = self._node.aof_counters()
+        aof = pb.AofStatus(enabled=True, **aof_counters._asdict()) if aof_counters else pb.AofStatus()
         return pb.InfoResponse(
             node_id=self._node.node_id,
             address=self._node.address,
@@ -271,7 +302,12 @@ class KVHandlers:
             subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
             cdc=cdc,
             epoch=self._store.epoch,
+            aof=aof,
         )
+
+    async def rewrite_aof(self, request: pb.RewriteAofRequest) -> pb.RewriteAofResponse:
+        before, after, seconds = await self._node.rewrite_aof()
+        return pb.RewriteAofResponse(size_before=before, size_after=after, seconds=seconds)
 
     def watch(self, request: pb.WatchRequest) -> AsyncGenerator[pb.WatchResponse, None]:
         """Check the request and fix where the watch starts now, so that the
@@ -289,12 +325,10 @@ class KVHandlers:
 class CompatHandlers:
     """service.KVService, Flux-KV's wire API."""
 
-    def __init__(
-        self, store: Store, settings: Settings, gate: CdcQueue | None = None, router: Router | None = None
-    ) -> None:
+    def __init__(self, store: Store, settings: Settings, writes: WritePath, router: Router | None = None) -> None:
         self._store = store
         self._limits = Limits(settings)
-        self._gate = gate
+        self._writes = writes
         self._router = router
 
     async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
@@ -303,9 +337,8 @@ class CompatHandlers:
         self._limits.value(len(value))
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/service.KVService/Set", request, compat_pb2.SetResponse)
-        if self._gate is not None:
-            await self._gate.admit(1, len(request.key) + len(value), call_context.time_remaining)
-        self._store.set(request.key, value)
+        await self._writes.admit(1, len(request.key) + len(value))
+        await self._writes.acknowledge(self._store.set(request.key, value).revision)
         return compat_pb2.SetResponse(success=True)
 
     async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:
@@ -329,9 +362,10 @@ class CompatHandlers:
         self._limits.key(request.key)
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/service.KVService/Del", request, compat_pb2.DelResponse)
-        if self._gate is not None:
-            await self._gate.admit(1, len(request.key), call_context.time_remaining)
-        self._store.delete(request.key)
+        await self._writes.admit(1, len(request.key))
+        outcome = self._store.delete(request.key)
+        if outcome.existed:
+            await self._writes.acknowledge(outcome.revision)
         return compat_pb2.DelResponse(success=True)
 
 

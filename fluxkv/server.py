@@ -15,14 +15,17 @@ import time
 from collections.abc import Sequence
 
 from fluxkv import __version__, config, logs, workers
+from fluxkv.aof import AofCounters, AofSettings, AppendOnlyFile
+from fluxkv.aof_format import AofCorrupt
 from fluxkv.cdc_publisher import CdcCounters, CdcPublisher
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.discovery import Discovery
+from fluxkv.errors import ErrorKind, KVError
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
-from fluxkv.handlers import CompatHandlers, KVHandlers
+from fluxkv.handlers import CompatHandlers, KVHandlers, WritePath
 from fluxkv.profiling import ProfilingServer
 from fluxkv.registration import Registration
 from fluxkv.store import Store
@@ -46,19 +49,30 @@ class Node:
         self._expiry = ActiveExpiry(self.store, settings.expire_interval_ms, settings.expire_batch)
         self._expiry_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        # The append-only file: replayed at start(), before the node serves.
+        self.aof: AppendOnlyFile | None = None
+        if settings.aof_filename:
+            self.aof = AppendOnlyFile(
+                AofSettings(
+                    settings.aof_filename,
+                    settings.aof_append_fsync,
+                    settings.aof_rewrite_min_bytes,
+                    settings.aof_rewrite_percent,
+                    settings.aof_buffer_bytes,
+                ),
+                self.store,
+            )
+            self.store.attach_sink(self.aof)
         self.cdc: CdcPublisher | None = None
         self._cdc_task: asyncio.Task[None] | None = None
         gate = None
         if settings.rabbitmq_url:
-            queue = CdcQueue(
-                settings.cdc_queue_events,
-                settings.cdc_queue_bytes,
-                settings.cdc_full_policy,
-                settings.cdc_block_timeout_ms,
-            )
+            # With the AOF, a full queue spills to it instead of blocking or dropping.
+            policy = "spill" if self.aof is not None else settings.cdc_full_policy
+            queue = CdcQueue(settings.cdc_queue_events, settings.cdc_queue_bytes, policy, settings.cdc_block_timeout_ms)
             self.store.attach_sink(queue)
-            self.cdc = CdcPublisher(queue, settings)
-            if settings.cdc_full_policy == "block":
+            self.cdc = CdcPublisher(queue, settings, self.aof)
+            if policy == "block":
                 gate = queue
         # Cluster membership, when etcd is configured: set up at start(),
         # once the port (and so the address to register) is known.
@@ -73,8 +87,9 @@ class Node:
         self.pprof: ProfilingServer | None = None
         if settings.pprof_enabled:
             self.pprof = ProfilingServer(settings.host, settings.pprof_port)
-        kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub, router=self.router)
-        compat = CompatHandlers(self.store, settings, gate, self.router)
+        writes = WritePath(gate, self.aof)
+        kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
+        compat = CompatHandlers(self.store, settings, writes, self.router)
         self._transport = GrpcTransport(
             {
                 "fluxkv.v1.KV": {
@@ -86,6 +101,7 @@ class Node:
                     "Scan": kv.scan,
                     "Info": kv.info,
                     "Watch": kv.watch,
+                    "RewriteAof": kv.rewrite_aof,
                 },
                 "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
             },
@@ -97,9 +113,13 @@ class Node:
         return int(self.address.rsplit(":", 1)[1])
 
     async def start(self) -> None:
-        """Bind (OSError if the address is taken), serve, start background tasks.
+        """Replay the append-only file (AofCorrupt if it is corrupt), bind
+        (OSError if the address is taken), serve, start background tasks.
         With etcd and FLUX_ETCD_AT_START=fail, EtcdError if etcd cannot be reached."""
         s = self.settings
+        persistence = "no persistence"
+        if self.aof is not None:
+            persistence = await self._replay(self.aof)
         port = self._transport.bind(s.host, s.port)
         self.address = f"{s.host}:{port}"
         self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
@@ -126,13 +146,34 @@ class Node:
             cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {s.cdc_full_policy} when full)"
         self._started = time.monotonic()
         log.info(
-            "fluxkv %s node %s serving on %s (%s, %s, no persistence)",
+            "fluxkv %s node %s serving on %s (%s, %s, %s)",
             self.version,
             self.node_id,
             self.address,
             etcd,
             cdc,
+            persistence,
         )
+
+    async def _replay(self, aof: AppendOnlyFile) -> str:
+        """Load the store from the append-only file; start its writer."""
+        result = await asyncio.to_thread(aof.open, self.cdc is not None)
+        self.watch_hub.start_after(self.store.revision)
+        aof.start()
+        if result is None:
+            log.info("append-only file %s created (epoch %s)", aof.path, self.store.epoch)
+        else:
+            log.info(
+                "append-only file %s replayed: %d records in %.2f s (%.0f a second), %d keys, revision %d, epoch %s",
+                aof.path,
+                result.records,
+                result.seconds,
+                result.records / result.seconds if result.seconds else 0,
+                len(self.store),
+                result.revision,
+                result.epoch,
+            )
+        return f"append-only file {aof.path}, fsync {aof.fsync_policy}"
 
     async def _join_prepare(self, advertised: str) -> None:
         """Read the cluster's members before serving (with FLUX_ETCD_AT_START=fail,
@@ -195,8 +236,13 @@ class Node:
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
+        if self.aof is not None:  # all on disk first: CDC publishes only what the file holds
+            await self.aof.sync()
         if self.cdc is not None and self._cdc_task is not None:
             await self._flush_cdc(self.cdc, self._cdc_task)
+        if self.aof is not None:  # after CDC, so that its checkpoint has the last confirm
+            await self.aof.close()
+            log.info("shutdown: append-only file %s closed at revision %d", self.aof.path, self.store.revision)
         for task in self._cluster_tasks:
             task.cancel()
         await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
@@ -260,6 +306,9 @@ class Node:
                 f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
                 f"{self.router.forwarded} calls forwarded to their key's owner",
             )
+        aof = ("aof", "disabled", "FLUX_AOF_FILENAME is empty: nothing is kept on disk")
+        if self.aof is not None:
+            aof = ("aof", self.aof.state, self.aof.describe())
         pprof = ("pprof", "disabled", "FLUX_PPROF_ENABLED is false: no profiling endpoint")
         if self.pprof is not None:
             pprof = ("pprof", "running", self.pprof.describe())
@@ -269,10 +318,26 @@ class Node:
             ("watch", "running", self.watch_hub.describe()),
             etcd,
             pprof,
+            aof,
         ]
 
     def cdc_counters(self) -> CdcCounters | None:
         return self.cdc.counters() if self.cdc is not None else None
+
+    def aof_counters(self) -> AofCounters | None:
+        return self.aof.counters() if self.aof is not None else None
+
+    async def rewrite_aof(self) -> tuple[int, int, float]:
+        """Rewrite the append-only file now: (size before, size after, seconds)."""
+        if self.aof is None:
+            raise KVError(
+                ErrorKind.FAILED_PRECONDITION,
+                "this node has no append-only file to rewrite (FLUX_AOF_FILENAME is empty)",
+            )
+        before = self.aof.counters().size_bytes
+        started = time.monotonic()
+        await asyncio.shield(self.aof.request_rewrite())
+        return before, self.aof.counters().size_bytes, time.monotonic() - started
 
 
 async def serve(settings: config.Settings) -> int:
@@ -291,6 +356,14 @@ async def serve(settings: config.Settings) -> int:
         return 1
     except EtcdError as exc:
         log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc)
+        return 1
+    except AofCorrupt as exc:
+        log.error(
+            "cannot replay the append-only file: %s; `fluxkv aof-repair %s` cuts it at the last good record "
+            "(and keeps a copy), losing what follows",
+            exc,
+            exc.path,
+        )
         return 1
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(node.wait_failed())

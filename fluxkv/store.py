@@ -201,6 +201,48 @@ class Store:
             self._remove(shard, key, kb, old)
             return Outcome(True, revision, True)
 
+    # -- persistence (the append-only file) ----------------------------------
+
+    def restore(self, epoch: str, revision: int) -> None:
+        """Continue the sequence of a replayed file: its epoch, its last revision."""
+        with self._seq_lock:
+            self.epoch = epoch
+            self._revision = revision
+
+    def load(self, key: str, value: bytes, mod_revision: int, expires_at_ms: int) -> None:
+        """Put an entry as the append-only file recorded it, without taking a
+        revision or telling the sinks (replay only)."""
+        kb = key.encode()
+        shard = self._shards[zlib.crc32(kb) & 0xFF]
+        with shard.lock:
+            old = shard.data.get(key)
+            shard.data[key] = Entry(value, mod_revision, expires_at_ms)
+            if old is None:
+                shard.nbytes += len(kb) + len(value)
+            else:
+                shard.nbytes += len(value) - len(old.value)
+                if old.expires_at_ms:
+                    shard.stale += 1
+            if expires_at_ms:
+                heapq.heappush(shard.deadlines, (expires_at_ms, key))
+
+    def unload(self, key: str) -> None:
+        """Remove a key as the append-only file recorded it (replay only)."""
+        kb = key.encode()
+        shard = self._shards[zlib.crc32(kb) & 0xFF]
+        with shard.lock:
+            entry = shard.data.get(key)
+            if entry is not None:
+                self._remove(shard, key, kb, entry)
+
+    def shard_entries(self, index: int) -> list[tuple[str, Entry]]:
+        """A copy of one shard's unexpired entries, taken under its lock (a
+        rewrite takes the store shard by shard: no global pause)."""
+        shard = self._shards[index]
+        with shard.lock:
+            now = self._clock()
+            return [(k, e) for k, e in shard.data.items() if not e.expires_at_ms or e.expires_at_ms > now]
+
     # -- expiry ------------------------------------------------------------
 
     def expire_step(self, budget: int) -> int:

@@ -54,6 +54,12 @@ class WatchHub:
         self._appended: asyncio.Event | None = None
         self._closed = False
 
+    def start_after(self, revision: int) -> None:
+        """Begin the history after `revision` (a store restored from its
+        append-only file continues there); only before the first append."""
+        assert self._newest < self._oldest, "start_after() after an append"
+        self._oldest, self._newest = revision + 1, revision
+
     # -- the store's side ----------------------------------------------------
 
     def append(self, record: ChangeRecord) -> None:

@@ -41,6 +41,8 @@ def worker_environment(settings: config.Settings, index: int) -> dict[str, str]:
     env["FLUX_PPROF_PORT"] = str(settings.pprof_port + index if settings.pprof_port else 0)
     if settings.node_id:
         env["FLUX_NODE_ID"] = f"{settings.node_id}-{index}"
+    if settings.aof_filename:  # each worker is a node with data of its own
+        env["FLUX_AOF_FILENAME"] = f"{settings.aof_filename}.{index}"
     return env
 
 

@@ -205,6 +205,7 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> No
         ("watch", "running"),
         ("etcd", "disabled"),
         ("pprof", "disabled"),
+        ("aof", "disabled"),
     ]
 
 

@@ -275,7 +275,7 @@ def test_transport_refuses_a_handler_of_the_wrong_kind() -> None:
     def stream(request: object) -> AsyncIterator[object]:
         raise AssertionError("not called")
 
-    methods = {name: unary for name in ("Get", "Set", "Delete", "MultiGet", "MultiSet", "Scan", "Info")}
+    methods = {name: unary for name in ("Get", "Set", "Delete", "MultiGet", "MultiSet", "Scan", "Info", "RewriteAof")}
     with pytest.raises(ValueError, match="Watch: the proto's method needs a function returning an async generator"):
         grpc_transport._method_handlers("fluxkv.v1.KV", {**methods, "Watch": unary})
     with pytest.raises(ValueError, match="Get: the proto's method needs an async function"):

@@ -168,7 +168,7 @@ class Subsystem(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("node_id", "address", "version", "revision", "key_count", "data_bytes", "rss_bytes", "uptime_seconds", "shards", "limits", "subsystems", "cdc", "epoch")
+    __slots__ = ("node_id", "address", "version", "revision", "key_count", "data_bytes", "rss_bytes", "uptime_seconds", "shards", "limits", "subsystems", "cdc", "epoch", "aof")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class InfoResponse(_message.Message):
     SUBSYSTEMS_FIELD_NUMBER: _ClassVar[int]
     CDC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AOF_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     version: str
@@ -195,10 +196,63 @@ class InfoResponse(_message.Message):
     subsystems: _containers.RepeatedCompositeFieldContainer[Subsystem]
     cdc: CdcStatus
     epoch: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., key_count: _Optional[int] = ..., data_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., shards: _Optional[_Union[ShardSummary, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., subsystems: _Optional[_Iterable[_Union[Subsystem, _Mapping]]] = ..., cdc: _Optional[_Union[CdcStatus, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
+    aof: AofStatus
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., key_count: _Optional[int] = ..., data_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., shards: _Optional[_Union[ShardSummary, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., subsystems: _Optional[_Iterable[_Union[Subsystem, _Mapping]]] = ..., cdc: _Optional[_Union[CdcStatus, _Mapping]] = ..., epoch: _Optional[str] = ..., aof: _Optional[_Union[AofStatus, _Mapping]] = ...) -> None: ...
+
+class AofStatus(_message.Message):
+    __slots__ = ("enabled", "path", "fsync_policy", "state", "size_bytes", "base_size_bytes", "written_revision", "durable_revision", "records_written", "batches_written", "fsyncs", "writes_delayed", "rewrites", "rewrite_in_progress", "last_rewrite_seconds", "cdc_checkpoint_revision", "error")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FSYNC_POLICY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    FSYNCS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_DELAYED_FIELD_NUMBER: _ClassVar[int]
+    REWRITES_FIELD_NUMBER: _ClassVar[int]
+    REWRITE_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REWRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CDC_CHECKPOINT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    path: str
+    fsync_policy: str
+    state: str
+    size_bytes: int
+    base_size_bytes: int
+    written_revision: int
+    durable_revision: int
+    records_written: int
+    batches_written: int
+    fsyncs: int
+    writes_delayed: int
+    rewrites: int
+    rewrite_in_progress: bool
+    last_rewrite_seconds: float
+    cdc_checkpoint_revision: int
+    error: str
+    def __init__(self, enabled: _Optional[bool] = ..., path: _Optional[str] = ..., fsync_policy: _Optional[str] = ..., state: _Optional[str] = ..., size_bytes: _Optional[int] = ..., base_size_bytes: _Optional[int] = ..., written_revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., records_written: _Optional[int] = ..., batches_written: _Optional[int] = ..., fsyncs: _Optional[int] = ..., writes_delayed: _Optional[int] = ..., rewrites: _Optional[int] = ..., rewrite_in_progress: _Optional[bool] = ..., last_rewrite_seconds: _Optional[float] = ..., cdc_checkpoint_revision: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RewriteAofRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RewriteAofResponse(_message.Message):
+    __slots__ = ("size_before", "size_after", "seconds")
+    SIZE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    size_before: int
+    size_after: int
+    seconds: float
+    def __init__(self, size_before: _Optional[int] = ..., size_after: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class CdcStatus(_message.Message):
-    __slots__ = ("enabled", "connection", "full_policy", "queued", "published", "confirmed", "republished", "dropped", "queue_depth", "queue_bytes", "writes_delayed", "writes_refused", "confirmed_revision")
+    __slots__ = ("enabled", "connection", "full_policy", "queued", "published", "confirmed", "republished", "dropped", "queue_depth", "queue_bytes", "writes_delayed", "writes_refused", "confirmed_revision", "spilled")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
     FULL_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +266,7 @@ class CdcStatus(_message.Message):
     WRITES_DELAYED_FIELD_NUMBER: _ClassVar[int]
     WRITES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     CONFIRMED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SPILLED_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     connection: str
     full_policy: str
@@ -225,7 +280,8 @@ class CdcStatus(_message.Message):
     writes_delayed: int
     writes_refused: int
     confirmed_revision: int
-    def __init__(self, enabled: _Optional[bool] = ..., connection: _Optional[str] = ..., full_policy: _Optional[str] = ..., queued: _Optional[int] = ..., published: _Optional[int] = ..., confirmed: _Optional[int] = ..., republished: _Optional[int] = ..., dropped: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_bytes: _Optional[int] = ..., writes_delayed: _Optional[int] = ..., writes_refused: _Optional[int] = ..., confirmed_revision: _Optional[int] = ...) -> None: ...
+    spilled: int
+    def __init__(self, enabled: _Optional[bool] = ..., connection: _Optional[str] = ..., full_policy: _Optional[str] = ..., queued: _Optional[int] = ..., published: _Optional[int] = ..., confirmed: _Optional[int] = ..., republished: _Optional[int] = ..., dropped: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_bytes: _Optional[int] = ..., writes_delayed: _Optional[int] = ..., writes_refused: _Optional[int] = ..., confirmed_revision: _Optional[int] = ..., spilled: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("prefix", "start_revision")

@@ -74,6 +74,11 @@ class KVStub:
                 request_serializer=fluxkv_dot_proto_dot_kv__pb2.WatchRequest.SerializeToString,
                 response_deserializer=fluxkv_dot_proto_dot_kv__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.RewriteAof = channel.unary_unary(
+                '/fluxkv.v1.KV/RewriteAof',
+                request_serializer=fluxkv_dot_proto_dot_kv__pb2.RewriteAofRequest.SerializeToString,
+                response_deserializer=fluxkv_dot_proto_dot_kv__pb2.RewriteAofResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -136,6 +141,14 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewriteAof(self, request, context):
+        """Rewrites (compacts) the append-only file now, and answers once the
+        rewritten file is in place. FAILED_PRECONDITION when the node has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=fluxkv_dot_proto_dot_kv__pb2.WatchRequest.FromString,
                     response_serializer=fluxkv_dot_proto_dot_kv__pb2.WatchResponse.SerializeToString,
+            ),
+            'RewriteAof': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewriteAof,
+                    request_deserializer=fluxkv_dot_proto_dot_kv__pb2.RewriteAofRequest.FromString,
+                    response_serializer=fluxkv_dot_proto_dot_kv__pb2.RewriteAofResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +414,33 @@ class KV:
             '/fluxkv.v1.KV/Watch',
             fluxkv_dot_proto_dot_kv__pb2.WatchRequest.SerializeToString,
             fluxkv_dot_proto_dot_kv__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewriteAof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxkv.v1.KV/RewriteAof',
+            fluxkv_dot_proto_dot_kv__pb2.RewriteAofRequest.SerializeToString,
+            fluxkv_dot_proto_dot_kv__pb2.RewriteAofResponse.FromString,
             options,
             channel_credentials,
             insecure,

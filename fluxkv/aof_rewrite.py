@@ -1,0 +1,95 @@
+"""Rewriting (compacting) the append-only file without stopping the node.
+
+The new file is written beside the old one (<path>.rewrite): a header, then
+the live keys shard by shard (each shard copied under its own lock, so no
+pause is longer than one shard's copy), then the change records the old file
+gained since the rewrite began, copied as bytes. The last of those is copied
+under the writer's lock; the new file is fsynced, renamed over the old one
+and the directory fsynced, and the writer appends to the new file from then on.
+
+Replaying the result gives the same keys as replaying the old file: every key
+in the snapshot holds its state at some moment after the base revision, and
+every change after the base revision follows, in order, so each key ends at
+its last change. Until the rename the old file is untouched; after it the new
+file holds everything the old one did. A crash at any step leaves a file that
+replays correctly, and a leftover <path>.rewrite is removed at start-up.
+
+steps() yields after each step, so that a test can stop a process at any one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
+
+from fluxkv import aof_format
+from fluxkv.aof_format import Header, Snapshot
+from fluxkv.store import NUM_SHARDS, wall_clock_ms
+
+if TYPE_CHECKING:
+    from fluxkv.aof import AppendOnlyFile
+
+# Copy the old file's new changes without the lock while more than this many
+# bytes remain; the rest is copied under it.
+_CATCH_UP_BYTES = 1 << 20
+_COPY_CHUNK = 1 << 20
+_WRITE_BATCH = 1 << 20
+
+
+class Aborted(Exception):
+    """The node is shutting down: the rewrite stops and its file is removed."""
+
+
+def steps(aof: AppendOnlyFile) -> Iterator[str]:
+    temporary = aof.path + ".rewrite"
+    base, copy_from = aof.rewrite_begin()
+    # Only a rewrite replaces the file, and this is the only one running: the
+    # path names the same file as when rewrite_begin() read its offsets.
+    with open(aof.path, "rb") as old, open(temporary, "wb") as new:
+        new.write(aof_format.encode_header(Header(aof.store.epoch, base, wall_clock_ms())))
+        yield "header"
+        for index in range(NUM_SHARDS):
+            parts: list[bytes] = []
+            size = 0
+            for key, entry in aof.store.shard_entries(index):
+                data = aof_format.encode_snapshot(Snapshot(key, entry.value, entry.mod_revision, entry.expires_at_ms))
+                parts.append(data)
+                size += len(data)
+                if size >= _WRITE_BATCH:
+                    new.write(b"".join(parts))
+                    parts.clear()
+                    size = 0
+            new.write(b"".join(parts))
+            time.sleep(0)  # let the event loop run between shards
+            yield f"shard {index}"
+        tail_offset = new.tell()
+        while aof.end_offset() - copy_from > _CATCH_UP_BYTES:
+            copy_from = _copy(old, new, copy_from, aof.end_offset())
+            yield "catch-up"
+        with aof.io_lock:
+            _copy(old, new, copy_from, aof.end_offset())
+            new.flush()
+            os.fsync(new.fileno())
+            yield "synced"
+            os.replace(temporary, aof.path)
+            yield "renamed"
+            aof_format.fsync_dir(aof.path)
+            yield "directory synced"
+            fd = os.open(aof.path, os.O_WRONLY | os.O_APPEND)
+            aof.rewrite_switch(fd, new.tell(), tail_offset)
+    yield "switched"
+
+
+def _copy(old: BinaryIO, new: BinaryIO, start: int, end: int) -> int:
+    """Append old[start:end] to new; return end."""
+    old.seek(start)
+    left = end - start
+    while left > 0:
+        chunk = old.read(min(_COPY_CHUNK, left))
+        if not chunk:
+            raise OSError(f"the append-only file ended at {end - left} bytes, before {end}")
+        new.write(chunk)
+        left -= len(chunk)
+    return end
