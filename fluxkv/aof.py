@@ -104,6 +104,7 @@ def replay(path: str, store: Store, now_ms: int | None = None) -> ReplayResult |
             elif header is None:
                 header = record
                 revision = record.base_revision
+                continue
             else:
                 raise AofCorrupt(path, offset, "a second header record")
             records += 1
@@ -211,7 +212,7 @@ class AppendOnlyFile:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._sync_requested = False
+        self._sync_until = 0  # fsync up to this revision whatever the policy (sync())
         self._fd = -1
         self._offset = 0  # bytes written (the file's size)
         self._tail_offset = 0  # where the change records after the snapshot begin
@@ -380,7 +381,7 @@ class AppendOnlyFile:
         """Write and fsync everything appended so far, whatever the policy."""
         if self._thread is None or self._fatal:
             return
-        self._sync_requested = True
+        self._sync_until = max(self._sync_until, self._last_appended)
         waiter = self._durable_waiters.add(self._last_appended)
         self._wake.set()
         await waiter
@@ -467,14 +468,11 @@ class AppendOnlyFile:
             if self._durable_rev < self._written_rev and (
                 self.fsync_policy == "always"
                 or (self.fsync_policy == "everysec" and now - last_sync >= 1.0)
-                or self._sync_requested
+                or self._sync_until > self._durable_rev
                 or closing
             ):
-                self._sync_requested = False
                 self._fsync()
                 last_sync = now
-            elif self._sync_requested and self._durable_rev >= self._written_rev:
-                self._sync_requested = False
             self._notify()
             if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
                 if closing or now - self._checkpoint_written_at >= CHECKPOINT_INTERVAL_S:
