@@ -10,7 +10,8 @@ whose next revision was evicted before it read it has fallen behind and ends
 with OUT_OF_RANGE. A slow watcher costs its cursor and the batch it is sending.
 
 The hub must be attached before the store's first write (its history starts
-at revision 1), and like every sink it is called on the event loop's thread.
+at revision 1, or after the revision an append-only file restored: see
+start_after), and like every sink it is called on the event loop's thread.
 """
 
 from __future__ import annotations
