@@ -50,9 +50,14 @@ class RunningStack:
         return f"127.0.0.1:{self.services[service]['ports'][str(container_port)]}"
 
     async def wait_up(self) -> None:
+        """Wait for the line that says the stack is up (AssertionError if it exits or takes too long)."""
         assert self.proc.stdout is not None
+        deadline = time.monotonic() + UP_TIMEOUT_S
         while "the stack is up" not in self.output:
-            line = await self.proc.stdout.readline()
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), deadline - time.monotonic())
+            except TimeoutError:
+                raise AssertionError(f"the stack was not up within {UP_TIMEOUT_S} s:\n{self.log}") from None
             if not line:
                 await self.proc.wait()
                 raise AssertionError(f"the stack exited with {self.proc.returncode}:\n{self.log}")
@@ -91,12 +96,16 @@ async def native(tmp_path: Path, *args: str) -> AsyncIterator[RunningStack]:
     stack = RunningStack(proc, tmp_path / "stack", stderr, mark)
     try:
         yield stack
-    finally:
+    finally:  # after a failure; else the test has stopped it and checks that nothing is left
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pid in processes_marked(mark):  # only after a failure above: the assertions below find none
-            os.kill(pid, 9)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for pid in processes_marked(mark):
+            os.kill(pid, signal.SIGKILL)
 
 
 def processes_marked(mark: str) -> list[int]:
