@@ -3,8 +3,8 @@ deploy/native_stack.py.
 
 Each one has its own name, ports and files in a directory of its own, so it never shares state with another one or
 with the system's services, and nothing of /etc applies to it. start() blocks until the server serves; close()
-kills it and deletes its files, and runs at interpreter exit for a server still open. A SIGINT or SIGTERM handler
-that raises while start() waits leaves nothing running.
+kills it (and what it started) and deletes its files, and runs at interpreter exit for a server still open. A
+start() that fails, or that a signal handler interrupts by raising, kills the server it was starting.
 """
 
 from __future__ import annotations
