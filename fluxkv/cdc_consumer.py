@@ -48,6 +48,14 @@ __all__ = ["CdcConsumer", "CdcError", "PoisonMessageError", "main"]
 log = logging.getLogger("fluxkv.cdc_consumer")
 
 DEFAULT_PREFETCH = 100
+# The FLUX_* variables fluxkv-cdc reads, by the flag they stand for (a flag overrides its variable).
+VARIABLES: Mapping[str, str] = {
+    "--url": "FLUX_RABBITMQ_URL",
+    "--exchange": "FLUX_CDC_EXCHANGE",
+    "--exchange-type": "FLUX_CDC_EXCHANGE_TYPE",
+    "--queue": "FLUX_CDC_QUEUE",
+    "--prefetch": "FLUX_CDC_PREFETCH",
+}
 CONNECT_TIMEOUT_S = 10.0
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 5.0
@@ -378,7 +386,9 @@ def _write_stdout(data: bytes) -> None:
 
 
 @dataclass(frozen=True)
-class _Options:
+class Options:
+    """What fluxkv-cdc runs with (parse_args)."""
+
     url: str
     exchange: str
     exchange_type: str
@@ -388,7 +398,7 @@ class _Options:
     output: str | None
 
 
-async def _run(options: _Options) -> int:
+async def _run(options: Options) -> int:
     """Consume until SIGTERM or SIGINT; returns the exit status."""
     dedup = Deduplicator()
     consumer = CdcConsumer(
@@ -477,41 +487,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace, environ: Mapping[str, str], parser: argparse.ArgumentParser) -> _Options:
-    """Flags, then FLUX_* variables, then defaults; a bad value is a usage error."""
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
+    """fluxkv-cdc's options: flags, then FLUX_* variables (VARIABLES), then defaults; bad usage exits 2."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     s = config.Settings
 
-    def value(flag: str, env: str, default: str) -> tuple[str, str]:
+    def value(flag: str, default: str) -> tuple[str, str]:
         given = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        env = VARIABLES[flag]
         return (flag, given) if given is not None else (env, environ.get(env, default))
 
-    source, url = value("--url", "FLUX_RABBITMQ_URL", "")
+    source, url = value("--url", "")
     url = url.strip()
     if not url:
         parser.error("no broker: give --url or set FLUX_RABBITMQ_URL")
     if not url.startswith(("amqp://", "amqps://")):
         parser.error(f"invalid {source}: expected an amqp:// or amqps:// URL, got {config.redact_url(url)!r}")
     names: dict[str, str] = {}
-    for flag, env, default in (
-        ("--exchange", "FLUX_CDC_EXCHANGE", s.cdc_exchange),
-        ("--queue", "FLUX_CDC_QUEUE", s.cdc_queue),
-    ):
-        source, text = value(flag, env, default)
+    for flag, default in (("--exchange", s.cdc_exchange), ("--queue", s.cdc_queue)):
+        source, text = value(flag, default)
         if not text.strip():
             parser.error(f"invalid {source}: expected a name, got an empty value")
         names[flag] = text.strip()
-    source, text = value("--exchange-type", "FLUX_CDC_EXCHANGE_TYPE", s.cdc_exchange_type)
+    source, text = value("--exchange-type", s.cdc_exchange_type)
     exchange_type = text.strip().lower()
     if exchange_type not in _DEFAULT_BINDINGS:
         parser.error(f"invalid {source}: expected one of {', '.join(_DEFAULT_BINDINGS)}, got {text!r}")
-    source, text = value("--prefetch", "FLUX_CDC_PREFETCH", str(DEFAULT_PREFETCH))
+    source, text = value("--prefetch", str(DEFAULT_PREFETCH))
     try:
         prefetch = int(text)
     except ValueError:
         prefetch = 0
     if not 1 <= prefetch <= 65535:
         parser.error(f"invalid {source}: expected an integer from 1 to 65535, got {text!r}")
-    return _Options(
+    return Options(
         url=url,
         exchange=names["--exchange"],
         exchange_type=exchange_type,
@@ -523,7 +533,6 @@ def _options(args: argparse.Namespace, environ: Mapping[str, str], parser: argpa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = _parser()
-    options = _options(parser.parse_args(argv), os.environ, parser)
+    options = parse_args(argv, os.environ)
     logs.configure(logging.INFO)
     sys.exit(asyncio.run(_run(options)))

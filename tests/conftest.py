@@ -1,5 +1,6 @@
 """Shared fixtures: a node in this process, or a real fluxkv-server process, both
-on an ephemeral port, and gRPC stubs connected to them."""
+on an ephemeral port, and gRPC stubs connected to them; a private etcd or
+RabbitMQ node for tests that stop, kill or restart one."""
 
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ import grpc
 import pytest
 
 from fluxkv import config
+from fluxkv.private_servers import EtcdServer, RabbitBroker
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.server import Node
-
-from .etcd_server import etcd_server  # noqa: F401 (a fixture for every test module)
-from .rabbitmq_broker import rabbit_broker  # noqa: F401 (a fixture for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"serving on (\S+:\d+)")
@@ -144,6 +143,22 @@ def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator
 def server() -> Iterator[ServerProcess]:
     with server_process() as s:
         yield s
+
+
+@pytest.fixture
+def etcd_server() -> Iterator[EtcdServer]:
+    """A started private etcd, killed and deleted after the test."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def rabbit_broker() -> Iterator[RabbitBroker]:
+    """A started private RabbitMQ node, killed and deleted after the test. The system broker
+    (BROKER) is shared by other tests, so a test that stops, kills or restarts a broker gets
+    one of its own."""
+    with RabbitBroker() as broker:
+        yield broker
 
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"

@@ -8,7 +8,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
-# The etcd tests start etcd servers of their own (tests/etcd_server.py): Debian's etcd-server, installed if missing.
+# The etcd tests start etcd servers of their own (fluxkv/private_servers.py): Debian's etcd-server, installed if missing.
 if ! command -v etcd >/dev/null; then
     as_root=()
     [ "$(id -u)" -eq 0 ] || as_root=(sudo)

@@ -17,11 +17,11 @@ import pytest
 
 from fluxkv.cdc_events import decode_batch
 from fluxkv.changes import Op
+from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
 from .conftest import ROOT, Names, running_node, server_process
-from .rabbitmq_broker import RabbitBroker
 from .test_cdc import deduplicated, drain
 
 WRITERS = 8

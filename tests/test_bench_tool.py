@@ -24,10 +24,9 @@ from fluxkv import bench
 from fluxkv.bench_hist import RELATIVE_ERROR, Histogram
 from fluxkv.bench_load import Tally, drive
 from fluxkv.bench_report import Progress, Result, machine, summary, to_json
+from fluxkv.private_servers import EtcdServer, free_port
 
 from .conftest import ROOT, ServerProcess, server_process
-from .etcd_server import EtcdServer
-from .rabbitmq_broker import free_port
 
 BENCH = [sys.executable, str(ROOT / "cmd" / "fluxkv-bench")]
 SCHEMA_FIELDS = {

@@ -11,10 +11,10 @@ import logging
 import pytest
 
 from fluxkv.changes import Op
+from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import Names, running_node
-from .rabbitmq_broker import RabbitBroker
 from .test_cdc import deduplicated, drain
 
 QUEUE = Names("flux_kv_events", "flux_cdc_file_logger")

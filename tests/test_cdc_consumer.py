@@ -28,9 +28,9 @@ from fluxkv.cdc_consumer import CdcConsumer, CdcError, PoisonMessageError
 from fluxkv.cdc_dedup import WINDOW, Deduplicator
 from fluxkv.cdc_events import CONTENT_TYPE, encode_event, join_events
 from fluxkv.changes import ChangeRecord, Op
+from fluxkv.private_servers import RabbitBroker
 
 from .conftest import BROKER, ROOT, Names
-from .rabbitmq_broker import RabbitBroker
 
 WAIT_S = 30.0
 

@@ -22,12 +22,12 @@ from fluxkv import Client, EtcdNodes, KeyValue, SyncClient
 from fluxkv.call_context import FORWARDED_BY
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.hash_ring import HashRing
+from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import compat_kv_pb2 as compat_pb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import ROOT, server_process
-from .etcd_server import EtcdServer
 
 TTL_S = 2
 WAIT_S = 20.0

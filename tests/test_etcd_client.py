@@ -1,4 +1,4 @@
-"""fluxkv.etcd_client against a real etcd (tests/etcd_server.py): keys, leases, watches, compaction, failover,
+"""fluxkv.etcd_client against a real etcd (fluxkv/private_servers.py): keys, leases, watches, compaction, failover,
 deadlines, and etcd going away and coming back."""
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import grpc
 import pytest
 
 from fluxkv.etcd_client import EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, WatchEvent
+from fluxkv.private_servers import EtcdServer, free_port
 from fluxkv.proto import etcd_api_pb2, etcd_api_pb2_grpc
-
-from .etcd_server import EtcdServer
-from .rabbitmq_broker import free_port
 
 TIMEOUT_S = 5.0
 WAIT_S = 10.0  # bound on waiting for an event etcd is sure to send

@@ -1,5 +1,6 @@
-"""The private RabbitMQ node of tests/rabbitmq_broker.py: restart keeps durable data, kill ends the node, and a
-port taken while it was down makes start() fail clearly."""
+"""The private RabbitMQ node of fluxkv/private_servers.py: restart keeps durable data, kill ends the node, and a
+port taken while it was down makes start() fail clearly; a broker with a user of its own, and nothing left after
+close()."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import aio_pika
 import pytest
 from aio_pika import DeliveryMode, Message
 
-from .rabbitmq_broker import RabbitBroker, RabbitBrokerError
+from fluxkv.private_servers import RabbitBroker, RabbitBrokerError
 
 SYSTEM_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE = "fluxkv-durable"
@@ -78,3 +79,17 @@ def test_start_fails_clearly_when_its_port_was_taken(rabbit_broker: RabbitBroker
         with pytest.raises(RabbitBrokerError, match=f"AMQP port {rabbit_broker.port} is taken"):
             rabbit_broker.start()
     assert rabbit_broker.pid is None
+
+
+async def test_a_broker_with_its_own_user_leaves_nothing_behind() -> None:
+    with RabbitBroker(user="stack-user", password="p@ss word") as broker:
+        pids = [broker.pid, broker.epmd_pid]
+        base_dir = broker.base_dir
+        assert broker.url.startswith("amqp://stack-user:p%40ss%20word@")
+        async with await aio_pika.connect(broker.url):
+            pass
+    assert not base_dir.exists()
+    for pid in pids:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -1,0 +1,466 @@
+"""Private etcd and RabbitMQ servers from Debian's packages (etcd-server, rabbitmq-server), for tests and for
+deploy/native_stack.py.
+
+Each one has its own name, ports and files in a directory of its own, so it never shares state with another one or
+with the system's services, and nothing of /etc applies to it. start() blocks until the server serves; close()
+kills it (and what it started) and deletes its files, and runs at interpreter exit for a server still open. A
+start() that fails, or that a signal handler interrupts by raising, kills the server it was starting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 30.0
+RABBITMQ_START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 60
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the real scripts; /usr/sbin/rabbitmq-server would `su rabbitmq`
+CLI_DIST_PORTS = range(35672, 35683)  # where any rabbitmqctl run listens for a moment (its Erlang distribution)
+
+_numbers = itertools.count(1)
+# etcd's /health is on loopback: a proxy from the environment must not be asked for it.
+_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and not one rabbitmqctl uses; another process may still take it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port not in CLI_DIST_PORTS:
+            return port
+
+
+class PrivateServerError(RuntimeError):
+    """A private server failed to start or to stop; the message ends with the last lines of its log."""
+
+
+class EtcdServerError(PrivateServerError):
+    """The private etcd failed to start or to stop."""
+
+
+class RabbitBrokerError(PrivateServerError):
+    """The private RabbitMQ node failed to start or to stop."""
+
+
+class PrivateServer:
+    """A server process that start() starts and kill() kills, with its files in base_dir (a new directory in
+    `parent`, or in the system's temporary directory)."""
+
+    def __init__(self, label: str, error: type[PrivateServerError], parent: Path | None = None) -> None:
+        self.label = label
+        self._error_type = error
+        self.base_dir = Path(tempfile.mkdtemp(prefix=f"fluxkv-{label}-", dir=parent))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = self.base_dir / "output.log"
+        atexit.register(self.close)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid, or None when it is not running."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the server; returns once it serves."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Shut the server down gracefully, keeping its data for the next start()."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """Kill the server, as a crash would end it; start() brings it back."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Kill the server if it runs and delete its files; safe to call again."""
+        atexit.unregister(self.close)
+        try:
+            if self._proc is not None:
+                self.kill()
+        finally:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _running_process(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise self._error_type(f"{self.label} is not running")
+        return self._proc
+
+    def _error(self, message: str) -> PrivateServerError:
+        lines = self._log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return self._error_type(f"{self.label} {message}\n--- last lines of {self._log} ---\n" + "\n".join(lines))
+
+
+class EtcdServer(PrivateServer):
+    """A single-member etcd cluster on 127.0.0.1, started by start() and gone after close().
+
+    The ports and the data directory stay the same across stop()/kill() and start(), so keys and leases survive a
+    restart. The methods block; start() takes 0.1 to 0.5 s, a restart on existing data about 1 s. Its election
+    timeout is short (500 ms): etcd raises a lease TTL below 1.5 election timeouts to that minimum, and this keeps it
+    at 1 s, so lease-expiry tests can use a 1 s TTL.
+    """
+
+    def __init__(
+        self, start_timeout: float = START_TIMEOUT_S, *, prefix: str = "fluxkvtest", parent: Path | None = None
+    ) -> None:
+        self.name = f"{prefix}-{os.getpid()}-{next(_numbers)}"
+        super().__init__(f"etcd {self.name}", EtcdServerError, parent)
+        self.start_timeout = start_timeout
+        self.data_dir = self.base_dir / "data"  # etcd's keys, leases and WAL; delete it while stopped to lose them
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port()
+
+    @property
+    def endpoint(self) -> str:
+        """Where clients connect, as host:port; the same for the server's whole life."""
+        return f"{HOST}:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The etcd process's pid, or None when it is not running."""
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        """Start etcd (on the data of an earlier run, if any); returns once /health reports it healthy."""
+        if self._proc is not None:
+            raise EtcdServerError(f"etcd {self.name} is already running")
+        etcd = shutil.which("etcd")
+        if etcd is None:
+            raise EtcdServerError("etcd is not on PATH: install Debian's etcd-server (`apt-get install etcd-server`)")
+        client_url = f"http://{self.endpoint}"
+        peer_url = f"http://{HOST}:{self.peer_port}"
+        args = [
+            etcd,
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster={self.name}={peer_url}",
+            f"--initial-cluster-token={self.name}",
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+            "--logger=zap",
+            "--log-outputs=stderr",
+        ]
+        deadline = time.monotonic() + self.start_timeout
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args,
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C goes to its owner only, which then stops it
+            )
+        try:
+            self._wait_healthy(deadline)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM: etcd shuts down gracefully, keeping its data for the next start()."""
+        proc = self._running_process()
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise self._error(f"did not shut down within {timeout} s; killed it") from None
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it; start() brings it back."""
+        proc = self._running_process()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        self._proc = None
+
+    def _wait_healthy(self, deadline: float) -> None:
+        """Poll /health, which answers true once the member has a leader and serves reads."""
+        proc = self._running_process()
+        while True:
+            if proc.poll() is not None:
+                raise self._error(f"exited with status {proc.returncode} while starting")
+            try:
+                with _no_proxy.open(f"http://{self.endpoint}/health", timeout=1) as answer:
+                    if json.load(answer).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass  # not listening yet, or not healthy yet (503)
+            if time.monotonic() > deadline:
+                raise self._error(f"was not healthy within {self.start_timeout} s")
+            time.sleep(0.02)
+
+
+class RabbitBroker(PrivateServer):
+    """A private RabbitMQ node on 127.0.0.1, started by start() and gone after close().
+
+    Its node name, Erlang cookie, ports, configuration, data and logs are its own, and so is its epmd (the Erlang
+    port mapper, started with the node and ended by close()), so it neither needs nor leaves an epmd daemon. The
+    user `user` (default guest, which may log in over loopback only) is created at the first start, an
+    administrator with every permission on the vhost /. With `management`, the management plugin serves its HTTP
+    API and UI on 127.0.0.1:management_port; else the node enables no plugin.
+
+    The node name, data directory and ports stay the same across stop()/kill() and start(), so durable queues and
+    persistent messages survive a restart. The methods block; async tests can run the slow ones (start, restart)
+    with asyncio.to_thread.
+    """
+
+    def __init__(
+        self,
+        start_timeout: float = RABBITMQ_START_TIMEOUT_S,
+        *,
+        user: str = "guest",
+        password: str = "guest",
+        management: bool = False,
+        prefix: str = "fluxkvtest",
+        parent: Path | None = None,
+    ) -> None:
+        self.node = f"{prefix}-{os.getpid()}-{next(_numbers)}@localhost"
+        super().__init__(self.node, RabbitBrokerError, parent)
+        self.start_timeout = start_timeout
+        self.user = user
+        self._password = password
+        self._port = free_port()
+        self.management_port: int | None = free_port() if management else None
+        self._epmd_port = free_port()
+        self._epmd: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._pid_file = self.base_dir / "node.pid"
+        self._env = self._configure()
+
+    @property
+    def port(self) -> int:
+        """The AMQP port; the same for the broker's whole life."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Where `user` logs in."""
+        user, password = (urllib.parse.quote(s, safe="") for s in (self.user, self._password))
+        return f"amqp://{user}:{password}@{HOST}:{self._port}/"
+
+    @property
+    def pid(self) -> int | None:
+        """The OS pid of the node's Erlang VM (beam.smp), or None when it is not running."""
+        return self._pid
+
+    @property
+    def epmd_pid(self) -> int | None:
+        """The pid of the node's own epmd, or None before the first start() and after close()."""
+        return None if self._epmd is None else self._epmd.pid
+
+    def _configure(self) -> dict[str, str]:
+        """Write the node's cookie and configuration files; returns the environment for its scripts and rabbitmqctl."""
+        home = self.base_dir / "home"
+        home.mkdir()
+        cookie = home / ".erlang.cookie"  # read by the node and by rabbitmqctl through HOME
+        cookie.write_text(os.urandom(16).hex())
+        cookie.chmod(0o400)
+        (self.base_dir / "rabbitmq-env.conf").write_text(
+            "# Empty on purpose: replaces /etc/rabbitmq/rabbitmq-env.conf, which names the system node.\n"
+        )
+        conf = [
+            f"listeners.tcp.local = {HOST}:{self._port}",
+            f"default_user = {self.user}",
+            f"default_pass = {self._password}",
+            "default_user_tags.administrator = true",
+        ]
+        plugins = []
+        if self.management_port is not None:
+            conf += [f"management.tcp.ip = {HOST}", f"management.tcp.port = {self.management_port}"]
+            plugins.append("rabbitmq_management")
+        conf_file = self.base_dir / "rabbitmq.conf"
+        conf_file.touch(0o600)  # it holds the password
+        conf_file.write_text("\n".join(conf) + "\n")
+        (self.base_dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
+        # Inherited RABBITMQ_* or ERL_* settings could point the node or the CLI elsewhere.
+        env = {name: value for name, value in os.environ.items() if not name.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=str(home),
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_CONF_ENV_FILE=str(self.base_dir / "rabbitmq-env.conf"),
+            RABBITMQ_CONFIG_FILE=str(conf_file),
+            RABBITMQ_CONFIG_FILES=str(self.base_dir / "conf.d"),  # does not exist: no /etc/rabbitmq/conf.d
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base_dir / "advanced.config"),  # does not exist either
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base_dir / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(self.base_dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base_dir / "log"),
+            RABBITMQ_PID_FILE=str(self._pid_file),
+            # Erlang distribution on loopback only, through this node's own epmd.
+            ERL_EPMD_ADDRESS=HOST,
+            ERL_EPMD_PORT=str(self._epmd_port),
+            ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def start(self) -> None:
+        """Boot the node; returns once it has fully started and its ports accept connections."""
+        if self._proc is not None:
+            raise RabbitBrokerError(f"{self.node} is already running")
+        deadline = time.monotonic() + self.start_timeout
+        if self._epmd is None:
+            self._start_epmd(deadline)
+        with socket.socket() as amqp:  # held while the inter-node port is chosen, so that the two differ
+            amqp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker's: TIME_WAIT does not count
+            try:
+                amqp.bind((HOST, self._port))
+            except OSError:
+                raise RabbitBrokerError(f"{self.node}: its AMQP port {self._port} is taken") from None
+            # The inter-node port need not stay the same, so a fresh one spares restart() a port clash.
+            dist_port = free_port()
+        self._pid_file.unlink(missing_ok=True)
+        with self._log.open("ab") as output:
+            self._proc = subprocess.Popen(
+                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                env={**self._env, "RABBITMQ_DIST_PORT": str(dist_port)},
+                cwd=self.base_dir,  # where an erl_crash.dump would go
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a process group of its own, to kill all of it at once
+            )
+        try:
+            self._wait_for_port(self._port, deadline, self._running_process(), "")
+            remaining = max(1, round(deadline - time.monotonic()))
+            self._rabbitmqctl("await_startup", "--timeout", str(remaining), timeout=remaining + 10)
+            self._pid = self._read_pid()
+        except BaseException:
+            self._kill_group()
+            raise
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Shut the node down gracefully, keeping its data for the next start()."""
+        proc = self._running_process()
+        proc.terminate()  # the rabbitmq-server script turns SIGTERM into a clean shutdown of the node
+        self._wait_for_exit(proc, timeout, "did not shut down")
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM, as a crash would end it; start() brings it back."""
+        proc = self._running_process()
+        assert self._pid is not None  # known from start() on
+        if proc.poll() is None:  # else the VM has ended already, and its pid may be another process's by now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+        self._wait_for_exit(proc, STOP_TIMEOUT_S, "did not end after SIGKILL of its VM")
+
+    def restart(self) -> None:
+        """stop() then start(): same node name, data and AMQP port."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Kill the node if it runs, end its epmd and delete its files; safe to call again."""
+        try:
+            super().close()
+        finally:
+            if self._epmd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._epmd.kill()
+                self._epmd.wait()
+                self._epmd = None
+
+    def _start_epmd(self, deadline: float) -> None:
+        epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+        with self._log.open("ab") as output:
+            self._epmd = subprocess.Popen(
+                [epmd, "-port", str(self._epmd_port), "-address", HOST],
+                env=self._env,
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_for_port(self._epmd_port, deadline, self._epmd, "its epmd ")
+
+    def _wait_for_port(self, port: int, deadline: float, proc: subprocess.Popen[bytes], subject: str) -> None:
+        """Wait until `port` accepts connections; `subject` names the process that opens it ("" for the node)."""
+        while True:
+            if proc.poll() is not None:
+                raise self._error(f"{subject}exited with status {proc.returncode} while starting")
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+            except OSError:
+                pass
+            else:
+                return
+            if time.monotonic() > deadline:
+                raise self._error(f"{subject}did not open port {port} within {self.start_timeout} s")
+            time.sleep(0.05)
+
+    def _rabbitmqctl(self, *args: str, timeout: float) -> None:
+        try:
+            done = subprocess.run(
+                [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+                env=self._env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise self._error(f"rabbitmqctl {' '.join(args)} did not finish within {timeout} s") from None
+        if done.returncode != 0:
+            raise self._error(f"rabbitmqctl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+
+    def _read_pid(self) -> int:
+        """The VM's pid from the node's pid file, checked to belong to the process group we started."""
+        pid = int(self._pid_file.read_text())
+        if os.getpgid(pid) != self._running_process().pid:
+            raise self._error(f"pid {pid} in {self._pid_file} is not a process of this node")
+        return pid
+
+    def _wait_for_exit(self, proc: subprocess.Popen[bytes], timeout: float, failure: str) -> None:
+        """Wait for the rabbitmq-server script, which exits once the VM has."""
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_group()
+            raise self._error(f"{failure} within {timeout} s; killed it") from None
+        self._proc = self._pid = None
+
+    def _kill_group(self) -> None:
+        """SIGKILL the script, the VM and its helper processes at once, then reap the script."""
+        proc = self._running_process()
+        self._proc = self._pid = None
+        if proc.returncode is None:  # not reaped yet, so its pid still names our process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
