@@ -479,7 +479,15 @@ class AppendOnlyFile:
                     self._write_checkpoint(self._cdc_confirmed)
             if wrote and self._rewrite_due():
                 self._start_rewrite_thread()
-            if closing and not self._pending and not self._retry_data:
+            if closing and self._retry_data:
+                log.error(
+                    "closing the append-only file %s with %d bytes of changes it could not write (%s): they are lost",
+                    self.path,
+                    len(self._retry_data),
+                    self.error,
+                )
+                return
+            if closing and not self._pending:
                 return
 
     def _write_pending(self) -> bool:

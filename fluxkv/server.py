@@ -237,7 +237,10 @@ class Node:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.aof is not None:  # all on disk first: CDC publishes only what the file holds
-            await self.aof.sync()
+            try:
+                await self.aof.sync()
+            except KVError as exc:
+                log.error("shutdown: %s", exc)
         if self.cdc is not None and self._cdc_task is not None:
             await self._flush_cdc(self.cdc, self._cdc_task)
         if self.aof is not None:  # after CDC, so that its checkpoint has the last confirm

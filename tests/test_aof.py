@@ -342,3 +342,68 @@ def test_a_crash_at_any_step_of_a_rewrite_leaves_a_file_that_replays_correctly(t
     aof.open(cdc=False)
     assert not Path(str(path) + ".rewrite").exists()
     assert aof.store.revision == expected["revision"]
+
+
+# The child process: a file that cannot grow (RLIMIT_FSIZE) makes writes fail
+# and then succeed again once it can; prints what it saw as JSON.
+FAILING_DISK = """
+import asyncio, json, os, resource, signal, sys
+from fluxkv.aof import AofSettings, AppendOnlyFile, replay
+from fluxkv.errors import KVError
+from fluxkv.store import Store
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG
+
+async def main(path):
+    store = Store()
+    aof = AppendOnlyFile(AofSettings(path, "always", 1 << 40, 0, 1 << 26), store)
+    aof.open(cdc=False)
+    store.attach_sink(aof)
+    aof.start()
+    store.set("before", b"v")
+    await aof.sync()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, hard))
+    seen = {}
+    written = store.set("big", b"x" * 1000)
+    try:
+        await aof.acknowledged(written.revision)
+    except KVError as exc:
+        seen["acknowledged"] = [exc.kind.name, str(exc)]
+    try:
+        aof.check_writable()
+    except KVError as exc:
+        seen["refused"] = [exc.kind.name, str(exc)]
+    seen["state"] = aof.counters().state
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    for _ in range(100):  # the writer tries again every second
+        try:
+            await aof.sync()
+            break
+        except KVError:
+            await asyncio.sleep(0.1)
+    seen["state after"] = aof.counters().state
+    store.set("after", b"v")
+    await aof.sync()
+    await aof.close()
+    again = Store()
+    replay(path, again)
+    seen["replayed"] = sorted(k for i in range(256) for k, _ in again.shard_entries(i))
+    print(json.dumps(seen))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_write_that_fails_refuses_writes_until_the_file_can_be_written_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "node.aof"
+    child = subprocess.run([sys.executable, "-c", FAILING_DISK, str(path)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    seen = json.loads(child.stdout)
+    kind, message = seen["acknowledged"]
+    assert kind == "UNAVAILABLE" and "applied in memory" in message and "not durable" in message
+    kind, message = seen["refused"]
+    assert kind == "UNAVAILABLE" and "File too large" in message and "writes are refused" in message
+    assert seen["state"] == "failing" and seen["state after"] == "ok"
+    assert seen["replayed"] == ["after", "before", "big"]
+    assert "cannot write the append-only file" in child.stderr and "can be written again" in child.stderr
