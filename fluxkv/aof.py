@@ -23,6 +23,7 @@ node publishes from there on. docs/aof.md has the format and the guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -637,8 +638,8 @@ class AppendOnlyFile:
         started = time.monotonic()
         error: BaseException | None = None
         try:
-            for _ in aof_rewrite.steps(self):
-                if self._rewrite_abort:
+            for step in aof_rewrite.steps(self):
+                if self._rewrite_abort and aof_rewrite.abortable(step):
                     raise aof_rewrite.Aborted
         except aof_rewrite.Aborted:
             error = KVError(ErrorKind.UNAVAILABLE, "the rewrite was stopped: the node is shutting down")
@@ -693,12 +694,19 @@ class AppendOnlyFile:
     def rewrite_switch(self, new_fd: int, new_size: int, tail_offset: int) -> None:
         """The rewritten file is in place (and synced, with the directory):
         append to it from now on. The caller holds _io_lock."""
-        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
         self._fd = new_fd
         self._offset = self._base_size = new_size
         self._tail_offset = tail_offset
         self._generation += 1
         self._durable_rev = self._written_rev
+
+    def rename_not_durable(self, exc: OSError) -> None:
+        """The directory holding the renamed file could not be fsynced: a
+        machine crash could bring the old file back, without what is written
+        from now on. Refuse writes until a restart."""
+        self._set_error(exc, fatal=True)
 
     @property
     def io_lock(self) -> threading.Lock:

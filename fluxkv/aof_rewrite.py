@@ -4,8 +4,10 @@ The new file is written beside the old one (<path>.rewrite): a header, then
 the live keys shard by shard (each shard copied under its own lock, so no
 pause is longer than one shard's copy), then the change records the old file
 gained since the rewrite began, copied as bytes. The last of those is copied
-under the writer's lock; the new file is fsynced, renamed over the old one
-and the directory fsynced, and the writer appends to the new file from then on.
+under the writer's lock; the new file is fsynced and renamed over the old one,
+the writer appends to the new file from then on, and the directory is fsynced
+before the lock is released (so no write is acknowledged before the rename is
+durable).
 
 Replaying the result gives the same keys as replaying the old file: every key
 in the snapshot holds its state at some moment after the base revision, and
@@ -14,7 +16,8 @@ its last change. Until the rename the old file is untouched; after it the new
 file holds everything the old one did. A crash at any step leaves a file that
 replays correctly, and a leftover <path>.rewrite is removed at start-up.
 
-steps() yields after each step, so that a test can stop a process at any one.
+steps() yields after each step, so that a test can stop a process at any one;
+the node stops a rewrite at shutdown only at a step before the commit.
 """
 
 from __future__ import annotations
@@ -73,13 +76,27 @@ def steps(aof: AppendOnlyFile) -> Iterator[str]:
             new.flush()
             os.fsync(new.fileno())
             yield "synced"
-            os.replace(temporary, aof.path)
-            yield "renamed"
-            aof_format.fsync_dir(aof.path)
-            yield "directory synced"
-            fd = os.open(aof.path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(temporary, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.replace(temporary, aof.path)
+            except OSError:
+                os.close(fd)
+                raise
+            # The path names the new file now: the writer appends to it from
+            # here on, whatever happens next.
             aof.rewrite_switch(fd, new.tell(), tail_offset)
-    yield "switched"
+            yield "renamed"
+            try:
+                aof_format.fsync_dir(aof.path)
+            except OSError as exc:
+                aof.rename_not_durable(exc)
+                raise
+            yield "directory synced"
+
+
+def abortable(step: str) -> bool:
+    """Whether a rewrite may stop after `step` (not once it commits the new file)."""
+    return step in ("header", "catch-up") or step.startswith("shard ")
 
 
 def _copy(old: BinaryIO, new: BinaryIO, start: int, end: int) -> int:
