@@ -15,6 +15,7 @@ import aio_pika
 import grpc
 import pytest
 
+from fluxkv import config, workers
 from fluxkv.cdc_events import decode_batch
 from fluxkv.changes import Op
 from fluxkv.private_servers import RabbitBroker
@@ -212,3 +213,11 @@ async def test_rewrite_without_a_file_is_a_failed_precondition(kv: kv_pb2_grpc.K
         await kv.RewriteAof(pb.RewriteAofRequest())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "FLUX_AOF_FILENAME is empty" in (caught.value.details() or "")
+
+
+def test_each_worker_has_a_file_of_its_own() -> None:
+    settings = config.Settings(workers=2, aof_filename="/data/fluxkv.aof")
+    assert [workers.worker_environment(settings, i)["FLUX_AOF_FILENAME"] for i in range(2)] == [
+        "/data/fluxkv.aof.0",
+        "/data/fluxkv.aof.1",
+    ]
