@@ -114,6 +114,20 @@ async def test_replay_restores_keys_revisions_expiry_and_epoch(tmp_path: Path) -
     assert final.get("next") is not None and final.epoch == store.epoch
 
 
+async def test_values_of_any_size_replay(tmp_path: Path) -> None:
+    """Flux-KV's replay gave up on a record over 64 KiB."""
+    path = tmp_path / "node.aof"
+    big = random.Random(1).randbytes(5 << 20)
+    async with open_aof(path) as aof:
+        aof.store.set("big", big)
+        aof.store.set("empty", b"")
+        aof.store.set("ключ-🔑", b"unicode key")
+    restored = Store()
+    replay(str(path), restored)
+    assert contents(restored) == contents(aof.store)
+    assert restored.get("big").value == big  # type: ignore[union-attr]
+
+
 async def test_ttl_keeps_its_absolute_deadline_and_expired_keys_stay_expired(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
     now = [1_000_000]
