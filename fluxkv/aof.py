@@ -51,6 +51,10 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 RETRY_INTERVAL_S = 1.0
 # The checkpoint file is rewritten at most this often (and at shutdown).
 CHECKPOINT_INTERVAL_S = 1.0
+# With everysec and no, the writer lets changes accumulate this long after
+# the first one before it writes them: nobody waits for those writes, and one
+# write() and one thread wake-up per batch, not per change, is what they cost.
+WRITE_LINGER_S = 0.005
 
 
 class ReplayResult(NamedTuple):
@@ -148,6 +152,7 @@ class AofSettings:
 class AofCounters(NamedTuple):
     """A snapshot of the file's state (fields as Info's AofStatus)."""
 
+    path: str
     fsync_policy: str
     state: str  # "ok", "failing" (writes refused, retrying) or "failed"
     size_bytes: int
@@ -171,6 +176,9 @@ class _Waiters:
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
 
     def add(self, revision: int) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -250,6 +258,11 @@ class AppendOnlyFile:
         self._durable_waiters = _Waiters()
         self._written_waiters = _Waiters()
         self._listeners: list[Callable[[], None]] = []
+        # Set on the event loop when a write or sync() waits for the writer's
+        # progress, or when the CDC publisher waits for cdc_safe_revision to
+        # pass what it last saw; the writer reports only then (or an error).
+        self._wants_progress = False
+        self._cdc_wants_past = -1
 
     # -- start-up ----------------------------------------------------------------
 
@@ -328,6 +341,7 @@ class AppendOnlyFile:
         else:
             self.writes_delayed += 1
             waiter = self._written_waiters.add(revision)
+        self._wants_progress = True
         self._wake.set()
         await waiter
 
@@ -337,8 +351,16 @@ class AppendOnlyFile:
         return self._last_appended
 
     def on_progress(self, listener: Callable[[], None]) -> None:
-        """Call `listener` (on the event loop) whenever cdc_safe_revision may have grown."""
+        """Call `listener` (on the event loop) when cdc_safe_revision has grown
+        after want_progress()."""
         self._listeners.append(listener)
+
+    def want_progress(self) -> None:
+        """Ask for a progress report once cdc_safe_revision has grown (the CDC
+        publisher waits for that)."""
+        if self._cdc_wants_past != self.cdc_safe_revision:
+            self._cdc_wants_past = self.cdc_safe_revision
+            self._wake.set()
 
     # -- the CDC publisher's side -------------------------------------------------
 
@@ -384,6 +406,7 @@ class AppendOnlyFile:
             return
         self._sync_until = max(self._sync_until, self._last_appended)
         waiter = self._durable_waiters.add(self._last_appended)
+        self._wants_progress = True
         self._wake.set()
         await waiter
 
@@ -407,12 +430,13 @@ class AppendOnlyFile:
 
     def counters(self) -> AofCounters:
         return AofCounters(
+            path=self.path,
             fsync_policy=self.fsync_policy,
             state=self.state,
             size_bytes=self._offset,
             base_size_bytes=self._base_size,
-            written_revision=self.written_revision,
-            durable_revision=self.durable_revision,
+            written_revision=self._written_rev,
+            durable_revision=self._durable_rev,
             records_written=self.records_written,
             batches_written=self.batches_written,
             fsyncs=self.fsyncs,
@@ -458,6 +482,13 @@ class AppendOnlyFile:
                 wait = max(0.0, self._checkpoint_written_at + CHECKPOINT_INTERVAL_S - now)
                 timeout = wait if timeout is None else min(timeout, wait)
             self._wake.wait(timeout)
+            if (
+                self.fsync_policy != "always"
+                and not self._closing
+                and not self._wants_progress
+                and self._sync_until <= self._durable_rev
+            ):
+                time.sleep(WRITE_LINGER_S)
             self._wake.clear()
             closing = self._closing
             if self._fatal:
@@ -474,7 +505,9 @@ class AppendOnlyFile:
             ):
                 self._fsync()
                 last_sync = now
-            self._notify()
+            safe = self._written_rev if self.fsync_policy == "no" else self._durable_rev
+            if self._wants_progress or 0 <= self._cdc_wants_past < safe:
+                self._notify()
             if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
                 if closing or now - self._checkpoint_written_at >= CHECKPOINT_INTERVAL_S:
                     self._write_checkpoint(self._cdc_confirmed)
@@ -557,6 +590,8 @@ class AppendOnlyFile:
 
     def _progress(self, written: int, durable: int, state: str, error: str) -> None:
         """On the event loop: publish the writer's progress."""
+        self._wants_progress = False
+        self._cdc_wants_past = -1
         self.written_revision = written
         self.durable_revision = durable
         self.cdc_safe_revision = written if self.fsync_policy == "no" else durable
@@ -570,6 +605,8 @@ class AppendOnlyFile:
             self._written_waiters.fail(failure)
         self._durable_waiters.reached(durable)
         self._written_waiters.reached(written)
+        if self._durable_waiters or self._written_waiters:
+            self._wants_progress = True  # the writer reports again once it moves on
         for listener in self._listeners:
             listener()
 

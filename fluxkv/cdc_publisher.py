@@ -276,10 +276,15 @@ class CdcPublisher:
         """Where the next change to publish is: "memory" (the queue), "file"
         (the AOF), or None (nothing to publish yet)."""
         queue = self._queue
-        if self._aof is None:
+        aof = self._aof
+        if aof is None:
             return "memory" if queue.pending else None
-        if self._next > self._aof.cdc_safe_revision:
-            return None  # not in the file yet (as durably as its policy promises)
+        if self._next > aof.cdc_safe_revision:
+            # Not in the file yet (as durably as its policy promises): have
+            # the file say when it is.
+            if self._next <= aof.last_revision:
+                aof.want_progress()
+            return None
         return "memory" if queue.next_revision == self._next else "file"
 
     async def _file_batch(self) -> _Batch:

@@ -97,6 +97,7 @@ async def test_no_acknowledged_write_is_lost_when_the_node_is_killed(tmp_path: P
             after = await kv.Set(pb.SetRequest(key="after-restart", value=b"v"))
             assert after.revision == info.revision + 1
             assert info.aof.enabled and info.aof.fsync_policy == "always" and info.aof.state == "ok"
+            assert info.aof.path == env["FLUX_AOF_FILENAME"]
         assert server.stop() == 0
 
 
