@@ -302,7 +302,7 @@ def main() -> int:
     servers: list[Server] = []
     try:
         servers.append(Server("reference", [sys.executable, str(ROOT / "bench" / "noop_server.py")]))
-        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
+        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--admin-port", "0"]
         servers.append(Server("fluxkv", node))
         if args.cdc_url:
             env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}

@@ -13,8 +13,10 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from http import HTTPStatus
 
 from fluxkv import __version__, config, logs, workers
+from fluxkv.admin import AdminServer, Page, Request, Response, text
 from fluxkv.cdc_publisher import CdcCounters, CdcPublisher
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.discovery import Discovery
@@ -23,7 +25,7 @@ from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers
-from fluxkv.profiling import ProfilingServer
+from fluxkv.profiling import Profiler
 from fluxkv.registration import Registration
 from fluxkv.store import Store
 from fluxkv.watch import WatchHub
@@ -69,10 +71,20 @@ class Node:
         self.router: Router | None = None
         if settings.etcd_endpoints:
             self.router = Router("", settings.ring_vnodes, settings.max_message_bytes)
-        # CPU profiles over HTTP (FLUX_PPROF_ENABLED), served once the node serves.
-        self.pprof: ProfilingServer | None = None
-        if settings.pprof_enabled:
-            self.pprof = ProfilingServer(settings.host, settings.pprof_port)
+        # Readiness: serving, and not yet stopping (and, with etcd, registered).
+        self._serving = False
+        self._stopping = False
+        # The admin HTTP port (FLUX_ADMIN_PORT): health, readiness and CPU profiles (FLUX_PPROF_ENABLED).
+        self.profiler = Profiler() if settings.pprof_enabled else None
+        self.admin: AdminServer | None = None
+        if settings.admin_port is not None:
+            pages = {
+                "/healthz": Page(self._healthz, "liveness: 200 while the process runs"),
+                "/readyz": Page(self._readyz, "readiness: 200 while serving (and registered in etcd), else 503"),
+            }
+            if self.profiler is not None:
+                pages |= self.profiler.pages()
+            self.admin = AdminServer(settings.host, settings.admin_port, pages)
         kv = KVHandlers(self.store, settings, self, gate, watch_hub=self.watch_hub, router=self.router)
         compat = CompatHandlers(self.store, settings, gate, self.router)
         self._transport = GrpcTransport(
@@ -100,22 +112,25 @@ class Node:
         """Bind (OSError if the address is taken), serve, start background tasks.
         With etcd and FLUX_ETCD_AT_START=fail, EtcdError if etcd cannot be reached."""
         s = self.settings
-        port = self._transport.bind(s.host, s.port)
-        self.address = f"{s.host}:{port}"
-        self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
-        if self.router is not None:
-            await self._join_prepare(advertised_address(s, port))
-        await self._transport.start()
-        if self.pprof is not None:
-            try:
-                await self.pprof.start()
-            except OSError:  # its port is taken: stop serving, as when gRPC's is
-                await self._transport.stop(0)
-                if self._etcd is not None:
-                    await self._etcd.close()
-                raise
-        if self.router is not None:
-            await self._join()
+        try:
+            # The admin port first, so that /readyz says 503 while the node starts (and
+            # before binding gRPC: grpcio releases a port only once its server has started).
+            if self.admin is not None:
+                await self.admin.start()
+                if self.profiler is not None:
+                    self.profiler.announce(self.admin.url)
+            port = self._transport.bind(s.host, s.port)
+            self.address = f"{s.host}:{port}"
+            self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
+            if self.router is not None:
+                await self._join_prepare(advertised_address(s, port))
+            await self._transport.start()
+            self._serving = True
+            if self.router is not None:
+                await self._join()
+        except BaseException:
+            await self._abandon_start()
+            raise
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
         etcd = "no etcd registration"
         if self._registration is not None:
@@ -134,6 +149,15 @@ class Node:
             cdc,
         )
 
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed: stop serving, close what was opened."""
+        self._serving = False
+        if self.admin is not None:
+            await self.admin.stop()
+        await self._transport.stop(0)
+        if self._etcd is not None:
+            await self._etcd.close()
+
     async def _join_prepare(self, advertised: str) -> None:
         """Read the cluster's members before serving (with FLUX_ETCD_AT_START=fail,
         an unreachable etcd stops the start here)."""
@@ -148,7 +172,6 @@ class Node:
             await self._discovery.read()
         except EtcdError as exc:
             if s.etcd_at_start == "fail":
-                await self._etcd.close()
                 raise
             log.warning("etcd unreachable at start (%s): serving unregistered, retrying in the background", exc)
 
@@ -159,11 +182,6 @@ class Node:
             await self._registration.register()
         except EtcdError as exc:
             if self.settings.etcd_at_start == "fail":
-                if self.pprof is not None:
-                    await self.pprof.stop()
-                await self._transport.stop(0)
-                assert self._etcd is not None
-                await self._etcd.close()
                 raise
             log.warning("cannot register in etcd yet (%s); retrying in the background", exc)
         self._cluster_tasks = [
@@ -173,9 +191,11 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish, stop background tasks."""
+        self._stopping = True  # /readyz answers 503 from here on
         grace = self.settings.shutdown_grace_s
         log.info(
-            "shutdown: ending %d watches, refusing new calls, in-flight calls have %.1f s to finish",
+            "shutdown: not ready any more, ending %d watches, refusing new calls, in-flight calls have %.1f s "
+            "to finish",
             self.watch_hub.watchers,
             grace,
         )
@@ -189,9 +209,8 @@ class Node:
                 log.warning("shutdown: etcd did not answer in time; the registration expires with its lease")
         # Watches never finish on their own: end them now, not after the grace period.
         self.watch_hub.close()
-        if self.pprof is not None:  # started after the transport: stopped before it
-            await self.pprof.stop()
         await self._transport.stop(grace)
+        self._serving = False
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
@@ -204,6 +223,8 @@ class Node:
             await self.router.close()
         if self._etcd is not None:
             await self._etcd.close()
+        if self.admin is not None:  # last: /readyz says 503 until the end
+            await self.admin.stop()
         log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
 
     async def _flush_cdc(self, cdc: CdcPublisher, task: asyncio.Task[None]) -> None:
@@ -260,19 +281,43 @@ class Node:
                 f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
                 f"{self.router.forwarded} calls forwarded to their key's owner",
             )
-        pprof = ("pprof", "disabled", "FLUX_PPROF_ENABLED is false: no profiling endpoint")
-        if self.pprof is not None:
-            pprof = ("pprof", "running", self.pprof.describe())
+        admin = ("admin", "disabled", "FLUX_ADMIN_PORT is off: no health, readiness or profiling endpoint")
+        if self.admin is not None:
+            profiling = "profiling off (FLUX_PPROF_ENABLED is false)"
+            if self.profiler is not None:
+                profiling = self.profiler.describe()
+            admin = ("admin", "running", f"{self.admin.url}: /healthz, /readyz; {profiling}")
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
             ("watch", "running", self.watch_hub.describe()),
             etcd,
-            pprof,
+            admin,
         ]
 
     def cdc_counters(self) -> CdcCounters | None:
         return self.cdc.counters() if self.cdc is not None else None
+
+    # -- the admin port's pages ----------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether clients should be sent here now, and why (not)."""
+        if self._stopping:
+            return False, "shutting down"
+        if not self._serving:
+            return False, "starting"
+        if self._registration is not None and self._registration.state != "registered":
+            return False, f"not registered in etcd ({self._registration.state}); retrying"
+        return True, f"serving on {self.address}"
+
+    async def _healthz(self, request: Request) -> Response:
+        return text(HTTPStatus.OK, "ok")
+
+    async def _readyz(self, request: Request) -> Response:
+        ready, why = self.readiness()
+        if ready:
+            return text(HTTPStatus.OK, f"ready: {why}")
+        return text(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}")
 
 
 async def serve(settings: config.Settings) -> int:

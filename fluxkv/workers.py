@@ -2,14 +2,15 @@
 independent node (its own store, port and etcd registration), supervised by
 the parent.
 
-Worker i (0-based) listens on FLUX_SERVER_PORT + i (with port 0, each picks a
-free port) and, when FLUX_NODE_ID is set, has the id <FLUX_NODE_ID>-<i>. Every
-other setting is the parent's: the parent hands its settings to each worker
-through the FLUX_* environment. A worker that exits on its own is started
-again (after 1 s, doubling up to 30 s while it keeps failing fast) and the
-parent logs it; SIGTERM or SIGINT to the parent stops every worker gracefully
-(each one deregisters, drains and flushes as a single node does), and so does
-the parent's death by any signal (on Linux).
+Worker i (0-based) listens on FLUX_SERVER_PORT + i and serves its admin HTTP
+port on FLUX_ADMIN_PORT + i (with port 0, each picks a free port) and, when
+FLUX_NODE_ID is set, has the id <FLUX_NODE_ID>-<i>. Every other setting is
+the parent's: the parent hands its settings to each worker through the FLUX_*
+environment. A worker that exits on its own is started again (after 1 s,
+doubling up to 30 s while it keeps failing fast) and the parent logs it;
+SIGTERM or SIGINT to the parent stops every worker gracefully (each one
+deregisters, drains and flushes as a single node does), and so does the
+parent's death by any signal (on Linux).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ _STABLE_S = 60.0
 
 def worker_environment(settings: config.Settings, index: int) -> dict[str, str]:
     """The FLUX_* variables that make a worker process run worker `index`."""
-    env = {s.env: _as_variable(getattr(settings, s.field)) for s in config.SETTINGS}
+    env = {s.env: s.as_variable(getattr(settings, s.field)) for s in config.SETTINGS}
     env["FLUX_WORKERS"] = "1"
     env["FLUX_SERVER_PORT"] = str(settings.port + index if settings.port else 0)
-    env["FLUX_PPROF_PORT"] = str(settings.pprof_port + index if settings.pprof_port else 0)
+    if settings.admin_port is not None:
+        env["FLUX_ADMIN_PORT"] = str(settings.admin_port + index if settings.admin_port else 0)
     if settings.node_id:
         env["FLUX_NODE_ID"] = f"{settings.node_id}-{index}"
     return env
@@ -51,10 +53,6 @@ def _stop_with_parent() -> None:
     workers outlive a parent killed without warning."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _as_variable(value: object) -> str:
-    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 class _Worker:
