@@ -32,6 +32,7 @@ from aio_pika.abc import AbstractConnection, AbstractExchange
 from fluxkv import cdc_events
 from fluxkv.cdc_queue import CdcQueue, record_bytes
 from fluxkv.config import Settings, redact_url
+from fluxkv.metrics import Family, counter, gauge, states
 
 log = logging.getLogger("fluxkv.cdc")
 
@@ -42,6 +43,7 @@ CONNECT_TIMEOUT_S = 10.0
 _EVENT_OVERHEAD = 120
 # At most one log line about dropped events per this many seconds.
 _DROP_REPORT_INTERVAL_S = 10.0
+CONNECTION_STATES = ("connecting", "connected", "reconnecting")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,50 @@ class CdcPublisher:
             writes_refused=q.writes_refused,
             confirmed_revision=self.confirmed_revision,
         )
+
+    def collect(self) -> list[Family]:
+        """The publisher's metrics, for the node's registry."""
+        c = self.counters()
+        return [
+            states(
+                "fluxkv_cdc_connection",
+                "The CDC publisher's connection to the broker: 1 for its state now.",
+                c.connection,
+                CONNECTION_STATES,
+            ),
+            counter("fluxkv_cdc_events_queued_total", "Change events put in the CDC queue.", c.queued),
+            counter("fluxkv_cdc_events_published_total", "Change events published (the first time).", c.published),
+            counter("fluxkv_cdc_events_confirmed_total", "Change events the broker confirmed.", c.confirmed),
+            counter(
+                "fluxkv_cdc_events_republished_total",
+                "Change events published again after a lost connection or a nack.",
+                c.republished,
+            ),
+            counter(
+                "fluxkv_cdc_events_dropped_total",
+                "Change events dropped because the CDC queue was full (FLUX_CDC_FULL_POLICY=drop).",
+                c.dropped,
+            ),
+            gauge(
+                "fluxkv_cdc_queue_events", "Change events held between a write and the broker's confirm.", c.queue_depth
+            ),
+            gauge("fluxkv_cdc_queue_bytes", "Key and value bytes of the change events held.", c.queue_bytes),
+            counter(
+                "fluxkv_cdc_writes_delayed_total",
+                "Writes that waited for room in the full CDC queue (FLUX_CDC_FULL_POLICY=block).",
+                c.writes_delayed,
+            ),
+            counter(
+                "fluxkv_cdc_writes_refused_total",
+                "Writes refused with UNAVAILABLE because the CDC queue stayed full.",
+                c.writes_refused,
+            ),
+            gauge(
+                "fluxkv_cdc_confirmed_revision",
+                "Revision up to which the broker confirmed every change event.",
+                c.confirmed_revision,
+            ),
+        ]
 
     def describe(self) -> str:
         c = self.counters()

@@ -359,7 +359,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "admin_port",
         "FLUX_ADMIN_PORT",
-        "HTTP port on FLUX_SERVER_HOST for /healthz, /readyz and /debug/pprof/; 0 picks a free port, off "
+        "HTTP port on FLUX_SERVER_HOST for /metrics, /healthz, /readyz and /debug/pprof/; 0 picks a free port, off "
         "serves none. Worker i listens on this port + i. Flux-KV's FLUX_PPROF_PORT is read when this is not set.",
         _port_or_off,
         aliases=("FLUX_PPROF_PORT",),

@@ -3,15 +3,19 @@
 the standard health service and server reflection.
 
 Request and response types come from the services' descriptors; each
-KVError kind maps to its status code here and nowhere else.
+KVError kind maps to its status code here and nowhere else. Each call is
+counted in its method's MethodStats (fluxkv/metrics.py) as it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+from bisect import bisect_left
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
+from time import perf_counter
 from typing import Any, cast
 
 import grpc
@@ -22,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fluxkv import call_context
 from fluxkv.errors import ErrorKind, KVError
+from fluxkv.metrics import LATENCY_BOUNDS, MethodStats, RequestMetrics
 
 log = logging.getLogger("fluxkv.grpc")
 
@@ -44,7 +49,9 @@ STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
 class GrpcTransport:
     """One grpc.aio server for a set of services: {"pkg.Service": {"Method": handler}}."""
 
-    def __init__(self, services: Mapping[str, Mapping[str, Handler]], max_message_bytes: int) -> None:
+    def __init__(
+        self, services: Mapping[str, Mapping[str, Handler]], max_message_bytes: int, metrics: RequestMetrics
+    ) -> None:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -54,7 +61,7 @@ class GrpcTransport:
             ]
         )
         for name, methods in services.items():
-            handlers = _method_handlers(name, methods)
+            handlers = _method_handlers(name, methods, metrics)
             self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             # Registered methods skip grpcio's generic lookup on every call.
             self._server.add_registered_method_handlers(name, handlers)
@@ -87,7 +94,9 @@ class GrpcTransport:
         await self._server.stop(grace_s)
 
 
-def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, grpc.RpcMethodHandler]:
+def _method_handlers(
+    service: str, methods: Mapping[str, Handler], metrics: RequestMetrics
+) -> dict[str, grpc.RpcMethodHandler]:
     descriptor = descriptor_pool.Default().FindServiceByName(service)
     declared = set(descriptor.methods_by_name)
     if declared != set(methods):
@@ -103,15 +112,16 @@ def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, 
             raise ValueError(f"{path}: the proto's method needs {needed} as its handler")
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
+        stats = metrics.method(path, method.server_streaming)
         if method.server_streaming:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, cast(StreamHandler, fn)),
+                _stream(path, cast(StreamHandler, fn), stats),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, cast(UnaryHandler, fn)),
+                _unary(path, cast(UnaryHandler, fn), stats),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
@@ -137,40 +147,70 @@ def _parser(request: type[Message]) -> Callable[[bytes], Message | _Malformed]:
     return parse
 
 
-def _unary(path: str, fn: UnaryHandler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+def _unary(
+    path: str, fn: UnaryHandler, stats: MethodStats
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    buckets = stats.buckets
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if type(request) is _Malformed:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        call_context.current.set(context)
+        start = perf_counter()
         try:
-            return await fn(request)
-        except Exception as exc:
-            await _abort(context, path, exc)
+            if type(request) is _Malformed:
+                stats.failed(_INVALID_ARGUMENT)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            call_context.current.set(context)
+            try:
+                return await fn(request)
+            except Exception as exc:
+                await _abort(context, path, exc, stats)
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            stats.failed(_CANCELLED)
+            raise
+        finally:
+            elapsed = perf_counter() - start
+            buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+            stats.sum += elapsed
 
     return call
 
 
-def _stream(path: str, fn: StreamHandler) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+def _stream(
+    path: str, fn: StreamHandler, stats: MethodStats
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
-        if type(request) is _Malformed:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        call_context.current.set(context)
         try:
-            async with aclosing(fn(request)) as responses:
-                # The handler accepted the request and set the stream up: say so.
-                await context.send_initial_metadata(())
-                async for response in responses:
-                    yield response
-        except Exception as exc:
-            await _abort(context, path, exc)
+            if type(request) is _Malformed:
+                stats.failed(_INVALID_ARGUMENT)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            call_context.current.set(context)
+            try:
+                async with aclosing(fn(request)) as responses:
+                    # The handler accepted the request and set the stream up: say so.
+                    await context.send_initial_metadata(())
+                    async for response in responses:
+                        yield response
+            except Exception as exc:
+                await _abort(context, path, exc, stats)
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+            stats.failed(_CANCELLED)
+            raise
+        finally:
+            stats.streams += 1
 
     return call
 
 
-async def _abort(context: grpc.aio.ServicerContext, path: str, exc: Exception) -> None:
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.name
+_CANCELLED = grpc.StatusCode.CANCELLED.name
+
+
+async def _abort(context: grpc.aio.ServicerContext, path: str, exc: Exception, stats: MethodStats) -> None:
     """End the call with the status for `exc`: KVError's kind, else INTERNAL
-    (logged). context.abort raises, so this never returns normally."""
+    (logged), and count it. context.abort raises, so this never returns normally."""
     if isinstance(exc, KVError):
-        await context.abort(STATUS_OF[exc.kind], exc.message)
+        code = STATUS_OF[exc.kind]
+        stats.failed(code.name)
+        await context.abort(code, exc.message)
     log.exception("unexpected error in %s", path, exc_info=exc)
+    stats.failed(grpc.StatusCode.INTERNAL.name)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")

@@ -12,11 +12,13 @@ import asyncio
 import logging
 
 from fluxkv.etcd_client import EtcdClient, EtcdError
+from fluxkv.metrics import Family, counter, states
 
 log = logging.getLogger("fluxkv.registration")
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
+STATES = ("unregistered", "registered", "lost", "revoked")
 
 
 class Registration:
@@ -26,13 +28,25 @@ class Registration:
         self.address = address
         self._ttl = ttl_s
         self._lease = 0
-        # "unregistered", "registered", "lost" or "revoked".
-        self.state = "unregistered"
+        self.state = "unregistered"  # one of STATES
         self.registrations = 0
 
     def describe(self) -> str:
         lease = f"lease {self._lease:x}, TTL {self._ttl} s" if self._lease else f"TTL {self._ttl} s"
         return f"{self.state} as {self.key} ({lease}); registered {self.registrations} times"
+
+    def collect(self) -> list[Family]:
+        """The registration's metrics, for the node's registry."""
+        return [
+            states(
+                "fluxkv_etcd_registration", "This node's registration in etcd: 1 for its state now.", self.state, STATES
+            ),
+            counter(
+                "fluxkv_etcd_registrations_total",
+                "Times this node registered in etcd (again after a lost lease).",
+                self.registrations,
+            ),
+        ]
 
     async def register(self) -> None:
         """Grant a lease and put the key under it; raises EtcdError."""

@@ -25,6 +25,7 @@ from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers
+from fluxkv.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, counter, gauge
 from fluxkv.profiling import Profiler
 from fluxkv.registration import Registration
 from fluxkv.store import Store
@@ -48,6 +49,13 @@ class Node:
         self._expiry = ActiveExpiry(self.store, settings.expire_interval_ms, settings.expire_batch)
         self._expiry_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self._started_at = time.time()
+        # Metrics: the transport counts requests; the rest is read at scrape time
+        # from the parts below, each of which registers its collector.
+        self.metrics = Registry()
+        self.metrics.register(self._collect)
+        requests = RequestMetrics()
+        self.metrics.register(requests.collect)
         self.cdc: CdcPublisher | None = None
         self._cdc_task: asyncio.Task[None] | None = None
         gate = None
@@ -60,6 +68,7 @@ class Node:
             )
             self.store.attach_sink(queue)
             self.cdc = CdcPublisher(queue, settings)
+            self.metrics.register(self.cdc.collect)
             if settings.cdc_full_policy == "block":
                 gate = queue
         # Cluster membership, when etcd is configured: set up at start(),
@@ -79,6 +88,7 @@ class Node:
         self.admin: AdminServer | None = None
         if settings.admin_port is not None:
             pages = {
+                "/metrics": Page(self._metrics_page, "Prometheus metrics (text format 0.0.4)"),
                 "/healthz": Page(self._healthz, "liveness: 200 while the process runs"),
                 "/readyz": Page(self._readyz, "readiness: 200 while serving (and registered in etcd), else 503"),
             }
@@ -102,6 +112,7 @@ class Node:
                 "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
             },
             settings.max_message_bytes,
+            requests,
         )
 
     @property
@@ -140,6 +151,7 @@ class Node:
             self._cdc_task = asyncio.create_task(self.cdc.run(self.node_id, self.store.epoch), name="fluxkv-cdc")
             cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {s.cdc_full_policy} when full)"
         self._started = time.monotonic()
+        self._started_at = time.time()
         log.info(
             "fluxkv %s node %s serving on %s (%s, %s, no persistence)",
             self.version,
@@ -168,6 +180,8 @@ class Node:
         self._registration = Registration(self._etcd, s.etcd_prefix, advertised, s.etcd_lease_ttl_s)
         self._discovery = Discovery(self._etcd, s.etcd_prefix)
         self._discovery.on_change(self.router.update)
+        self.metrics.register(self._registration.collect)
+        self.metrics.register(self._collect_cluster)
         try:
             await self._discovery.read()
         except EtcdError as exc:
@@ -281,12 +295,12 @@ class Node:
                 f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
                 f"{self.router.forwarded} calls forwarded to their key's owner",
             )
-        admin = ("admin", "disabled", "FLUX_ADMIN_PORT is off: no health, readiness or profiling endpoint")
+        admin = ("admin", "disabled", "FLUX_ADMIN_PORT is off: no metrics, health, readiness or profiling endpoint")
         if self.admin is not None:
             profiling = "profiling off (FLUX_PPROF_ENABLED is false)"
             if self.profiler is not None:
                 profiling = self.profiler.describe()
-            admin = ("admin", "running", f"{self.admin.url}: /healthz, /readyz; {profiling}")
+            admin = ("admin", "running", f"{self.admin.url}: /metrics, /healthz, /readyz; {profiling}")
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
@@ -309,6 +323,50 @@ class Node:
         if self._registration is not None and self._registration.state != "registered":
             return False, f"not registered in etcd ({self._registration.state}); retrying"
         return True, f"serving on {self.address}"
+
+    async def _metrics_page(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, CONTENT_TYPE, self.metrics.exposition())
+
+    def _collect(self) -> list[Family]:
+        """The node's own metrics: the store, watches, readiness, the process."""
+        return [
+            gauge(
+                "fluxkv_node_info",
+                "This node's id, version and epoch (which names its sequence of revisions); always 1.",
+                1,
+                node_id=self.node_id,
+                version=self.version,
+                epoch=self.store.epoch,
+            ),
+            gauge("fluxkv_ready", "1 while /readyz answers 200, else 0.", int(self.readiness()[0])),
+            gauge("fluxkv_keys", "Keys held (expired keys not yet removed included).", len(self.store)),
+            gauge("fluxkv_data_bytes", "Bytes of the keys (UTF-8) and values held.", self.store.data_bytes),
+            gauge(
+                "fluxkv_revision",
+                "The node's latest revision: the number of changes since it started.",
+                self.store.revision,
+            ),
+            counter("fluxkv_expired_keys_total", "Keys removed because their TTL passed.", self.store.expired_keys),
+            gauge("fluxkv_watchers", "Open Watch streams.", self.watch_hub.watchers),
+            counter(
+                "fluxkv_watch_fell_behind_total",
+                "Watch streams ended with OUT_OF_RANGE because they fell behind the history.",
+                self.watch_hub.fell_behind,
+            ),
+            gauge("process_resident_memory_bytes", "Resident memory size in bytes.", self.rss_bytes()),
+            gauge("fluxkv_start_time_seconds", "When the node started serving, in Unix seconds.", self._started_at),
+        ]
+
+    def _collect_cluster(self) -> list[Family]:
+        assert self._discovery is not None and self.router is not None
+        return [
+            gauge(
+                "fluxkv_ring_nodes",
+                "Nodes in the consistent-hash ring, as registered in etcd.",
+                len(self._discovery.addresses),
+            ),
+            counter("fluxkv_forwarded_calls_total", "Calls forwarded to their key's owner.", self.router.forwarded),
+        ]
 
     async def _healthz(self, request: Request) -> Response:
         return text(HTTPStatus.OK, "ok")

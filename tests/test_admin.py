@@ -64,7 +64,7 @@ async def test_index_health_and_unknown_pages() -> None:
         port = node.admin.port
         index = await http_get(port, "/")
         assert index.status == 200
-        for page in ("/healthz", "/readyz"):
+        for page in ("/metrics", "/healthz", "/readyz"):
             assert page in index.text
         assert "/debug/pprof/" not in index.text  # profiling is off by default
         health = await http_get(port, "/healthz")
@@ -142,7 +142,7 @@ def test_off_opens_no_admin_port() -> None:
         admin = next(s for s in info.subsystems if s.name == "admin")
         assert (admin.state, admin.detail) == (
             "disabled",
-            "FLUX_ADMIN_PORT is off: no health, readiness or profiling endpoint",
+            "FLUX_ADMIN_PORT is off: no metrics, health, readiness or profiling endpoint",
         )
         assert server.stop() == 0
 
