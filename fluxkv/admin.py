@@ -89,7 +89,12 @@ class AdminServer:
         except OSError as exc:
             raise OSError(f"cannot listen for the admin port on {self.host}:{self.requested_port}: {exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("admin on %s (%s)", self.url, ", ".join(p for p in self._pages if p != "/"))
+        log.info(
+            "admin on %s (%s)",
+            self.url,
+            ", ".join(p for p in self._pages if p != "/"),
+            extra={"event": "admin_listening", "url": self.url},
+        )
 
     async def stop(self) -> None:
         """Stop listening and end open connections (a profile in progress is cut short)."""

@@ -255,11 +255,20 @@ class CdcConsumer:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._consuming:
                     delay, last_reason = RETRY_MIN_S, ""
-                    log.warning("lost the connection to %s (%s); reconnecting", self._where, reason)
+                    log.warning(
+                        "lost the connection to %s (%s); reconnecting",
+                        self._where,
+                        reason,
+                        extra={"event": "cdc_lost"},
+                    )
                 elif reason != last_reason:
                     last_reason = reason
                     log.warning(
-                        "cannot connect to %s (%s); retrying every %g s at most", self._where, reason, RETRY_MAX_S
+                        "cannot connect to %s (%s); retrying every %g s at most",
+                        self._where,
+                        reason,
+                        RETRY_MAX_S,
+                        extra={"event": "cdc_unreachable"},
                     )
             finally:
                 session.alive = False
@@ -312,6 +321,7 @@ class CdcConsumer:
                 self._exchange_type,
                 self._exchange,
                 self._where,
+                extra={"event": "cdc_connected"},
             )
             self._consuming = True
             self._changed.set()
@@ -386,6 +396,7 @@ class _Options:
     binding_keys: tuple[str, ...] | None
     prefetch: int
     output: str | None
+    log_format: str
 
 
 async def _run(options: _Options) -> int:
@@ -421,16 +432,16 @@ async def _run(options: _Options) -> int:
                 data = b"".join(orjson.dumps(e.raw, option=orjson.OPT_APPEND_NEWLINE) for e in events)
                 await asyncio.to_thread(write, data)
                 written += len(events)
-        log.info("stopped; %d events written", written)
+        log.info("stopped; %d events written", written, extra={"event": "stopped", "events": written})
         return 0
     except BrokenPipeError:  # stdout closed early, as by `| head`: end quietly, as if killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except CdcError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra={"event": "failed"})
         return 1
     except OSError as exc:
-        log.error("%s: %s", exc.filename or options.output or "stdout", exc.strerror or exc)
+        log.error("%s: %s", exc.filename or options.output or "stdout", exc.strerror or exc, extra={"event": "failed"})
         return 1
     finally:
         if output is not None:
@@ -438,7 +449,7 @@ async def _run(options: _Options) -> int:
 
 
 def _on_signal(sig: signal.Signals, consumer: CdcConsumer) -> None:
-    log.info("received %s; stopping", sig.name)
+    log.info("received %s; stopping", sig.name, extra={"event": "signal", "signal": sig.name})
     consumer.stop()
 
 
@@ -511,6 +522,10 @@ def _options(args: argparse.Namespace, environ: Mapping[str, str], parser: argpa
         prefetch = 0
     if not 1 <= prefetch <= 65535:
         parser.error(f"invalid {source}: expected an integer from 1 to 65535, got {text!r}")
+    text = environ.get("FLUX_LOG_FORMAT", s.log_format)
+    log_format = text.strip().lower()
+    if log_format not in logs.FORMATS:
+        parser.error(f"invalid FLUX_LOG_FORMAT: expected one of {', '.join(logs.FORMATS)}, got {text!r}")
     return _Options(
         url=url,
         exchange=names["--exchange"],
@@ -519,11 +534,12 @@ def _options(args: argparse.Namespace, environ: Mapping[str, str], parser: argpa
         binding_keys=tuple(args.binding_keys) if args.binding_keys is not None else None,
         prefetch=prefetch,
         output=args.output,
+        log_format=log_format,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     options = _options(parser.parse_args(argv), os.environ, parser)
-    logs.configure(logging.INFO)
+    logs.configure(logging.INFO, options.log_format)
     sys.exit(asyncio.run(_run(options)))

@@ -200,6 +200,7 @@ class CdcPublisher:
                     self._exchange_name,
                     self._exchange_type.value,
                     f", {len(self._in_flight)} unconfirmed batches to publish again" if self._in_flight else "",
+                    extra={"event": "cdc_connected"},
                 )
                 backoff = RECONNECT_MIN_S
                 last_error = ""
@@ -208,10 +209,19 @@ class CdcPublisher:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self.connection == "connected":
                     log.warning(
-                        "CDC lost the broker at %s (%s); reconnecting, %d events held", where, error, self._queue.depth
+                        "CDC lost the broker at %s (%s); reconnecting, %d events held",
+                        where,
+                        error,
+                        self._queue.depth,
+                        extra={"event": "cdc_lost"},
                     )
                 elif error != last_error:
-                    log.warning("CDC cannot reach the broker at %s (%s); retrying", where, error)
+                    log.warning(
+                        "CDC cannot reach the broker at %s (%s); retrying",
+                        where,
+                        error,
+                        extra={"event": "cdc_unreachable"},
+                    )
                 last_error = error
                 self.connection = "reconnecting"
             finally:
@@ -377,6 +387,7 @@ class CdcPublisher:
             "CDC queue full: %d events dropped (FLUX_CDC_FULL_POLICY=drop), %d in all",
             dropped - self._dropped_reported,
             dropped,
+            extra={"event": "cdc_dropped"},
         )
         self._dropped_reported = dropped
         self._drops_reported_at = now

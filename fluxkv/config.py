@@ -64,6 +64,7 @@ class Settings:
     workers: int = 1
     pprof_enabled: bool = False
     admin_port: int | None = 6060  # None: off
+    log_format: str = "console"
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,13 @@ SETTINGS: tuple[Setting, ...] = (
         "serves none. Worker i listens on this port + i. Flux-KV's FLUX_PPROF_PORT is read when this is not set.",
         _port_or_off,
         aliases=("FLUX_PPROF_PORT",),
+    ),
+    Setting(
+        "log_format",
+        "FLUX_LOG_FORMAT",
+        "Log lines: console (text for people) or json (one object per line: ts, level, logger, msg, event...). "
+        "fluxkv-cdc reads it too.",
+        _choice("console", "json"),
     ),
 )
 

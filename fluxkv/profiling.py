@@ -73,7 +73,7 @@ class Profiler:
         """Log where profiles are served, once the admin server listens at `admin_url`."""
         url = admin_url.rstrip("/") + INDEX_PATH
         if self.py_spy is not None:
-            log.info("profiling on %s (py-spy)", url)
+            log.info("profiling on %s (py-spy)", url, extra={"event": "profiling", "url": url})
         else:
             log.warning(
                 "profiling on %s (py-spy not found: profiles answer 503 until it is installed, %s)",

@@ -57,9 +57,15 @@ class Registration:
         again = self.state == "lost"
         self.state = "registered"
         if again:
-            log.info("registered again in etcd as %s (lease %x)", self.key, lease)
+            log.info("registered again in etcd as %s (lease %x)", self.key, lease, extra={"event": "registered"})
         else:
-            log.info("registered in etcd as %s (lease %x, TTL %d s)", self.key, lease, self._ttl)
+            log.info(
+                "registered in etcd as %s (lease %x, TTL %d s)",
+                self.key,
+                lease,
+                self._ttl,
+                extra={"event": "registered"},
+            )
 
     async def run(self) -> None:
         """Keep the lease alive, registering again whenever it is lost."""
@@ -85,7 +91,12 @@ class Registration:
                 reason = "etcd no longer knows the lease"
             # Register anew (a new lease): the old one, if it still lives, expires unused.
             if self.state == "registered":
-                log.warning("cannot renew the etcd registration of %s (%s); registering again", self.key, reason)
+                log.warning(
+                    "cannot renew the etcd registration of %s (%s); registering again",
+                    self.key,
+                    reason,
+                    extra={"event": "registration_lost"},
+                )
             self.state = "lost"
 
     async def revoke(self) -> None:
@@ -96,6 +107,12 @@ class Registration:
         self.state = "revoked"
         try:
             await self._client.lease_revoke(self._lease)
-            log.info("deregistered from etcd: %s", self.key)
+            log.info("deregistered from etcd: %s", self.key, extra={"event": "deregistered"})
         except EtcdError as exc:
-            log.warning("could not revoke the etcd lease of %s (%s); it expires within %d s", self.key, exc, self._ttl)
+            log.warning(
+                "could not revoke the etcd lease of %s (%s); it expires within %d s",
+                self.key,
+                exc,
+                self._ttl,
+                extra={"event": "deregister_failed"},
+            )

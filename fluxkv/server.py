@@ -159,6 +159,7 @@ class Node:
             self.address,
             etcd,
             cdc,
+            extra={"event": "serving", "node_id": self.node_id, "address": self.address, "version": self.version},
         )
 
     async def _abandon_start(self) -> None:
@@ -187,7 +188,11 @@ class Node:
         except EtcdError as exc:
             if s.etcd_at_start == "fail":
                 raise
-            log.warning("etcd unreachable at start (%s): serving unregistered, retrying in the background", exc)
+            log.warning(
+                "etcd unreachable at start (%s): serving unregistered, retrying in the background",
+                exc,
+                extra={"event": "etcd_unreachable"},
+            )
 
     async def _join(self) -> None:
         """Register now that the node serves, then keep registration and membership current."""
@@ -197,7 +202,9 @@ class Node:
         except EtcdError as exc:
             if self.settings.etcd_at_start == "fail":
                 raise
-            log.warning("cannot register in etcd yet (%s); retrying in the background", exc)
+            log.warning(
+                "cannot register in etcd yet (%s); retrying in the background", exc, extra={"event": "etcd_unreachable"}
+            )
         self._cluster_tasks = [
             asyncio.create_task(self._registration.run(), name="fluxkv-etcd-registration"),
             asyncio.create_task(self._discovery.run(), name="fluxkv-etcd-discovery"),
@@ -212,6 +219,7 @@ class Node:
             "to finish",
             self.watch_hub.watchers,
             grace,
+            extra={"event": "shutdown_started"},
         )
         if self._registration is not None:
             # Leave the ring first, so that clients stop sending calls here.
@@ -220,11 +228,20 @@ class Node:
             try:
                 await asyncio.wait_for(self._registration.revoke(), self.settings.etcd_timeout_s)
             except TimeoutError:
-                log.warning("shutdown: etcd did not answer in time; the registration expires with its lease")
+                log.warning(
+                    "shutdown: etcd did not answer in time; the registration expires with its lease",
+                    extra={"event": "deregister_failed"},
+                )
         # Watches never finish on their own: end them now, not after the grace period.
         self.watch_hub.close()
+        draining = time.monotonic()
         await self._transport.stop(grace)
         self._serving = False
+        log.info(
+            "shutdown: gRPC stopped after %.2f s of in-flight calls",
+            time.monotonic() - draining,
+            extra={"event": "shutdown_grpc_stopped"},
+        )
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
@@ -239,20 +256,34 @@ class Node:
             await self._etcd.close()
         if self.admin is not None:  # last: /readyz says 503 until the end
             await self.admin.stop()
-        log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
+        log.info(
+            "shutdown complete at revision %d with %d keys",
+            self.store.revision,
+            len(self.store),
+            extra={"event": "shutdown_complete", "revision": self.store.revision},
+        )
 
     async def _flush_cdc(self, cdc: CdcPublisher, task: asyncio.Task[None]) -> None:
         """Publish and confirm every queued event, within FLUX_CDC_FLUSH_TIMEOUT_S."""
         timeout = self.settings.cdc_flush_timeout_s
         held = cdc.counters().queue_depth
         if held:
-            log.info("shutdown: publishing %d CDC events, %.1f s at most", held, timeout)
+            log.info(
+                "shutdown: publishing %d CDC events, %.1f s at most",
+                held,
+                timeout,
+                extra={"event": "shutdown_cdc_flush"},
+            )
         flushed = await cdc.flush(timeout)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         c = cdc.counters()
         if flushed:
-            log.info("shutdown: the broker confirmed every CDC event, up to revision %d", c.confirmed_revision)
+            log.info(
+                "shutdown: the broker confirmed every CDC event, up to revision %d",
+                c.confirmed_revision,
+                extra={"event": "shutdown_cdc_flushed", "revision": c.confirmed_revision},
+            )
         else:
             log.error(
                 "shutdown: %d CDC events above revision %d were not confirmed within %.1f s "
@@ -260,6 +291,7 @@ class Node:
                 c.queue_depth,
                 c.confirmed_revision,
                 timeout,
+                extra={"event": "shutdown_cdc_lost", "revision": c.confirmed_revision},
             )
 
     async def wait_failed(self) -> None:
@@ -381,6 +413,7 @@ class Node:
 async def serve(settings: config.Settings) -> int:
     """Run a node until SIGTERM or SIGINT; return the exit status."""
     node = Node(settings)
+    log.info("fluxkv %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting", "pid": os.getpid()})
     # Handle signals before the node says it serves: a supervisor may send one
     # as soon as it reads that line.
     stop = asyncio.Event()
@@ -390,17 +423,17 @@ async def serve(settings: config.Settings) -> int:
     try:
         await node.start()
     except OSError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra={"event": "start_failed"})
         return 1
     except EtcdError as exc:
-        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc)
+        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc, extra={"event": "start_failed"})
         return 1
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(node.wait_failed())
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if failed.done():
-        log.error("background task failed: %r", failed.exception())
+        log.error("background task failed: %r", failed.exception(), extra={"event": "task_failed"})
         status = 1
     failed.cancel()
     stopped.cancel()
@@ -428,7 +461,7 @@ def _outbound_ip() -> str:
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
-    log.info("received %s", sig.name)
+    log.info("received %s", sig.name, extra={"event": "signal", "signal": sig.name})
     stop.set()
 
 
@@ -440,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     config.add_arguments(parser)
     settings = config.parse_args(argv, os.environ, parser)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     for name in config.unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting", name)
     if settings.workers > 1:

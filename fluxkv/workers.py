@@ -73,7 +73,12 @@ class _Worker:
             preexec_fn=_stop_with_parent,
         )
         self.started = time.monotonic()
-        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+        log.info(
+            "worker %d started (pid %d)",
+            self.index,
+            self.proc.pid,
+            extra={"event": "worker_started", "worker": self.index},
+        )
 
 
 async def supervise(settings: config.Settings) -> int:
@@ -85,15 +90,15 @@ async def supervise(settings: config.Settings) -> int:
     workers = [_Worker(i, worker_environment(settings, i)) for i in range(settings.workers)]
     for w in workers:
         await w.start()
-    log.info("supervising %d workers", len(workers))
+    log.info("supervising %d workers", len(workers), extra={"event": "supervising"})
     keepers = [asyncio.create_task(_keep_running(w, stop)) for w in workers]
     await stop.wait()
-    log.info("stopping %d workers", len(workers))
+    log.info("stopping %d workers", len(workers), extra={"event": "workers_stopping"})
     for w in workers:
         if w.proc is not None and w.proc.returncode is None:
             w.proc.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*keepers)
-    log.info("every worker stopped")
+    log.info("every worker stopped", extra={"event": "workers_stopped"})
     # -SIGTERM: a worker still starting (no handler yet, nothing served) ended by our signal.
     return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
 
@@ -111,7 +116,8 @@ async def _keep_running(worker: _Worker, stop: asyncio.Event) -> int:
         delay = min(RESTART_MIN_S * 2**worker.quick_failures, RESTART_MAX_S)
         worker.quick_failures += 1
         log.warning("worker %d (pid %d) exited with status %d; starting it again in %.0f s",
-                    worker.index, worker.proc.pid, code, delay)  # fmt: skip
+                    worker.index, worker.proc.pid, code, delay,
+                    extra={"event": "worker_exited", "worker": worker.index})  # fmt: skip
         try:
             await asyncio.wait_for(stop.wait(), delay)
             return code
