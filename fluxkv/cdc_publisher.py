@@ -14,6 +14,9 @@ AMQP messages and publishes them to RabbitMQ with publisher confirms.
   reconnects with exponential backoff and publishes every unconfirmed batch
   again, oldest first, before anything new: delivery is at least once, and a
   consumer that drops (node, epoch, rev) it has seen gets every event in order.
+- With tracing on, publishing a batch that carries sampled writes is a
+  PRODUCER span, from the publish to the broker's confirm, linked to those
+  writes' spans (fluxkv/tracing.py, WriteLinks).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from fluxkv import cdc_events
 from fluxkv.cdc_queue import CdcQueue, record_bytes
 from fluxkv.config import Settings, redact_url
 from fluxkv.metrics import Family, counter, gauge, states
+from fluxkv.tracing import Tracing
 
 log = logging.getLogger("fluxkv.cdc")
 
@@ -65,9 +70,9 @@ class CdcCounters:
 
 
 class _Batch:
-    __slots__ = ("body", "confirmed", "events", "first", "last", "nbytes", "publish")
+    __slots__ = ("body", "confirmed", "events", "first", "last", "links", "nbytes", "publish", "span")
 
-    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes) -> None:
+    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes, links: list[SpanContext]) -> None:
         self.first = first
         self.last = last
         self.events = events
@@ -75,11 +80,14 @@ class _Batch:
         self.body = body
         self.confirmed = False
         self.publish: asyncio.Future[Any] | None = None
+        self.links = links  # span contexts of the sampled writes it carries
+        self.span: Span | None = None  # the publish in progress, with tracing on
 
 
 class CdcPublisher:
-    def __init__(self, queue: CdcQueue, settings: Settings) -> None:
+    def __init__(self, queue: CdcQueue, settings: Settings, tracing: Tracing | None = None) -> None:
         self._queue = queue
+        self._tracing = tracing
         self._url = settings.rabbitmq_url
         self._exchange_name = settings.cdc_exchange
         self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
@@ -308,7 +316,8 @@ class CdcPublisher:
             last = record.revision
             if not first:
                 first = last
-        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts))
+        links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
+        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts), links)
 
     def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
         if again:
@@ -326,13 +335,38 @@ class CdcPublisher:
         )
         # Tasks take the channel's (FIFO) lock in creation order, so the
         # broker receives the batches in revision order.
+        if batch.links and self._tracing is not None:
+            batch.span = self._tracing.publish_span(
+                f"publish {self._exchange_name}",
+                batch.links,
+                {
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": self._exchange_name,
+                    "messaging.rabbitmq.destination.routing_key": self._node,
+                    "messaging.message.id": str(message.message_id),
+                    "fluxkv.cdc.events": batch.events,
+                    "fluxkv.cdc.first_revision": batch.first,
+                    "fluxkv.cdc.last_revision": batch.last,
+                    "fluxkv.cdc.republished": again,
+                },
+            )
         batch.publish = asyncio.ensure_future(exchange.publish(message, routing_key=self._node, mandatory=False))
         batch.publish.add_done_callback(lambda done: self._on_publish_done(batch, done))
 
     def _on_publish_done(self, batch: _Batch, done: asyncio.Future[Any]) -> None:
+        span, batch.span = batch.span, None
         if done.cancelled():
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, "the connection was lost; published again on the next one"))
+                span.end()
             return
         exc = done.exception()
+        if span is not None:
+            if exc is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
         if exc is not None:
             self._fail(exc)  # a nack (DeliveryError) or a lost channel
             return

@@ -65,6 +65,8 @@ class Settings:
     pprof_enabled: bool = False
     admin_port: int | None = 6060  # None: off
     log_format: str = "console"
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float) -> Callable[[str], float]:
+def _float(lo: float, hi: float | None = None) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -121,6 +123,8 @@ def _float(lo: float) -> Callable[[str], float]:
             raise ValueError(f"expected a number, got {text!r}") from None
         if not value >= lo:  # also rejects NaN
             raise ValueError(f"expected a number of at least {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise ValueError(f"expected a number from {lo} to {hi}, got {text}")
         return value
 
     return parse
@@ -371,6 +375,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Log lines: console (text for people) or json (one object per line: ts, level, logger, msg, event...). "
         "fluxkv-cdc reads it too.",
         _choice("console", "json"),
+    ),
+    Setting(
+        "otlp_endpoint",
+        "FLUX_JAEGER_ENDPOINT",
+        "OTLP/gRPC endpoint spans are exported to, e.g. jaeger:4317 (plaintext unless https://). Empty: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT's, and with neither, tracing is off.",
+        _text,
+    ),
+    Setting(
+        "trace_sample_ratio",
+        "FLUX_TRACE_SAMPLE_RATIO",
+        "Share of calls traced when the caller did not decide, from 0 to 1; a caller's sampled (or not) trace is "
+        "followed.",
+        _float(0.0, 1.0),
     ),
 )
 

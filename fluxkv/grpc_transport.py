@@ -4,7 +4,8 @@ the standard health service and server reflection.
 
 Request and response types come from the services' descriptors; each
 KVError kind maps to its status code here and nowhere else. Each call is
-counted in its method's MethodStats (fluxkv/metrics.py) as it ends.
+counted in its method's MethodStats (fluxkv/metrics.py) as it ends and, with
+tracing on, is a SERVER span (fluxkv/tracing.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from fluxkv import call_context
 from fluxkv.errors import ErrorKind, KVError
 from fluxkv.metrics import LATENCY_BOUNDS, MethodStats, RequestMetrics
+from fluxkv.rpc_spans import rpc_attributes
+from fluxkv.tracing import Tracing
 
 log = logging.getLogger("fluxkv.grpc")
 
@@ -50,7 +53,11 @@ class GrpcTransport:
     """One grpc.aio server for a set of services: {"pkg.Service": {"Method": handler}}."""
 
     def __init__(
-        self, services: Mapping[str, Mapping[str, Handler]], max_message_bytes: int, metrics: RequestMetrics
+        self,
+        services: Mapping[str, Mapping[str, Handler]],
+        max_message_bytes: int,
+        metrics: RequestMetrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._server = grpc.aio.server(
             options=[
@@ -61,7 +68,7 @@ class GrpcTransport:
             ]
         )
         for name, methods in services.items():
-            handlers = _method_handlers(name, methods, metrics)
+            handlers = _method_handlers(name, methods, metrics, tracing)
             self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             # Registered methods skip grpcio's generic lookup on every call.
             self._server.add_registered_method_handlers(name, handlers)
@@ -95,7 +102,7 @@ class GrpcTransport:
 
 
 def _method_handlers(
-    service: str, methods: Mapping[str, Handler], metrics: RequestMetrics
+    service: str, methods: Mapping[str, Handler], metrics: RequestMetrics, tracing: Tracing | None
 ) -> dict[str, grpc.RpcMethodHandler]:
     descriptor = descriptor_pool.Default().FindServiceByName(service)
     declared = set(descriptor.methods_by_name)
@@ -115,13 +122,13 @@ def _method_handlers(
         stats = metrics.method(path, method.server_streaming)
         if method.server_streaming:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, cast(StreamHandler, fn), stats),
+                _stream(path, cast(StreamHandler, fn), stats, tracing),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, cast(UnaryHandler, fn), stats),
+                _unary(path, cast(UnaryHandler, fn), stats, tracing),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
@@ -148,40 +155,63 @@ def _parser(request: type[Message]) -> Callable[[bytes], Message | _Malformed]:
 
 
 def _unary(
-    path: str, fn: UnaryHandler, stats: MethodStats
+    path: str, fn: UnaryHandler, stats: MethodStats, tracing: Tracing | None
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     buckets = stats.buckets
+    attributes = rpc_attributes(path)
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = perf_counter()
+        # The handler runs in the span's context: a write's sink (WriteLinks) and
+        # a forwarded call see it.
+        span = (
+            None
+            if tracing is None
+            else tracing.server_span(path, attributes, context.invocation_metadata(), current=True)
+        )
+        status = _OK
         try:
             if type(request) is _Malformed:
-                stats.failed(_INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                status = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(status, request.message)
             call_context.current.set(context)
             try:
                 return await fn(request)
             except Exception as exc:
-                await _abort(context, path, exc, stats)
+                status, message = _status_of(path, exc)
+                await context.abort(status, message)
         except asyncio.CancelledError:  # the caller went away, or its deadline passed
-            stats.failed(_CANCELLED)
+            status = grpc.StatusCode.CANCELLED
             raise
         finally:
             elapsed = perf_counter() - start
             buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
             stats.sum += elapsed
+            if status is not _OK:
+                stats.failed(status.name)
+            if span is not None:
+                span.end(status)
 
     return call
 
 
 def _stream(
-    path: str, fn: StreamHandler, stats: MethodStats
+    path: str, fn: StreamHandler, stats: MethodStats, tracing: Tracing | None
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+    attributes = rpc_attributes(path)
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        # Not the current span: a generator may be closed from another context.
+        span = (
+            None
+            if tracing is None
+            else tracing.server_span(path, attributes, context.invocation_metadata(), current=False)
+        )
+        status = _OK
         try:
             if type(request) is _Malformed:
-                stats.failed(_INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                status = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(status, request.message)
             call_context.current.set(context)
             try:
                 async with aclosing(fn(request)) as responses:
@@ -190,27 +220,28 @@ def _stream(
                     async for response in responses:
                         yield response
             except Exception as exc:
-                await _abort(context, path, exc, stats)
+                status, message = _status_of(path, exc)
+                await context.abort(status, message)
         except (asyncio.CancelledError, GeneratorExit):  # the caller went away
-            stats.failed(_CANCELLED)
+            status = grpc.StatusCode.CANCELLED
             raise
         finally:
             stats.streams += 1
+            if status is not _OK:
+                stats.failed(status.name)
+            if span is not None:
+                span.end(status)
 
     return call
 
 
-_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.name
-_CANCELLED = grpc.StatusCode.CANCELLED.name
+_OK = grpc.StatusCode.OK
 
 
-async def _abort(context: grpc.aio.ServicerContext, path: str, exc: Exception, stats: MethodStats) -> None:
-    """End the call with the status for `exc`: KVError's kind, else INTERNAL
-    (logged), and count it. context.abort raises, so this never returns normally."""
+def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message that end a call whose handler raised `exc`:
+    KVError's kind, else INTERNAL (logged)."""
     if isinstance(exc, KVError):
-        code = STATUS_OF[exc.kind]
-        stats.failed(code.name)
-        await context.abort(code, exc.message)
+        return STATUS_OF[exc.kind], exc.message
     log.exception("unexpected error in %s", path, exc_info=exc)
-    stats.failed(grpc.StatusCode.INTERNAL.name)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}"

@@ -29,16 +29,19 @@ from fluxkv.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, count
 from fluxkv.profiling import Profiler
 from fluxkv.registration import Registration
 from fluxkv.store import Store
+from fluxkv.tracing import Tracing, from_settings
 from fluxkv.watch import WatchHub
 
 log = logging.getLogger("fluxkv.server")
 
 
 class Node:
-    """One FluxKV node. start() binds and serves; stop() shuts down in order."""
+    """One FluxKV node. start() binds and serves; stop() shuts down in order.
+    `tracing`: where its spans go (fluxkv/tracing.py); None traces nothing."""
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.version = __version__
         self.store = Store()
         # Attached before any write, so that its history starts at revision 1.
@@ -67,8 +70,11 @@ class Node:
                 settings.cdc_block_timeout_ms,
             )
             self.store.attach_sink(queue)
-            self.cdc = CdcPublisher(queue, settings)
+            self.cdc = CdcPublisher(queue, settings, tracing)
             self.metrics.register(self.cdc.collect)
+            if tracing is not None:  # the publish spans link to the sampled writes they carry
+                self.store.attach_sink(tracing.write_links)
+                self.metrics.register(tracing.collect)
             if settings.cdc_full_policy == "block":
                 gate = queue
         # Cluster membership, when etcd is configured: set up at start(),
@@ -79,7 +85,7 @@ class Node:
         self._cluster_tasks: list[asyncio.Task[None]] = []
         self.router: Router | None = None
         if settings.etcd_endpoints:
-            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes)
+            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing)
         # Readiness: serving, and not yet stopping (and, with etcd, registered).
         self._serving = False
         self._stopping = False
@@ -113,6 +119,7 @@ class Node:
             },
             settings.max_message_bytes,
             requests,
+            tracing,
         )
 
     @property
@@ -133,6 +140,8 @@ class Node:
             port = self._transport.bind(s.host, s.port)
             self.address = f"{s.host}:{port}"
             self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
+            if self.tracing is not None:
+                self.tracing.start(self.node_id)
             if self.router is not None:
                 await self._join_prepare(advertised_address(s, port))
             await self._transport.start()
@@ -254,6 +263,8 @@ class Node:
             await self.router.close()
         if self._etcd is not None:
             await self._etcd.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
         if self.admin is not None:  # last: /readyz says 503 until the end
             await self.admin.stop()
         log.info(
@@ -412,7 +423,7 @@ class Node:
 
 async def serve(settings: config.Settings) -> int:
     """Run a node until SIGTERM or SIGINT; return the exit status."""
-    node = Node(settings)
+    node = Node(settings, from_settings(settings, os.environ))
     log.info("fluxkv %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting", "pid": os.getpid()})
     # Handle signals before the node says it serves: a supervisor may send one
     # as soon as it reads that line.

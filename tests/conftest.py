@@ -24,6 +24,7 @@ import pytest
 from fluxkv import config
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.server import Node
+from fluxkv.tracing import Tracing
 
 from .etcd_server import etcd_server  # noqa: F401 (a fixture for every test module)
 from .rabbitmq_broker import rabbit_broker  # noqa: F401 (a fixture for every test module)
@@ -49,9 +50,11 @@ async def node() -> AsyncIterator[Node]:
 
 
 @asynccontextmanager
-async def running_node(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
-    """A node in this process with these settings, and a stub connected to it."""
-    node = Node(settings(**overrides))
+async def running_node(
+    tracing: Tracing | None = None, **overrides: object
+) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
+    """A node in this process with these settings (and tracing), and a stub connected to it."""
+    node = Node(settings(**overrides), tracing)
     await node.start()
     try:
         async with grpc.aio.insecure_channel(node.address) as ch:
