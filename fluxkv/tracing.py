@@ -230,7 +230,7 @@ class Tracing:
         """A PRODUCER span, a root, that links to the writes it carries."""
         return self.tracer.start_span(
             name,
-            context=Context(),
+            context=_ROOT,
             kind=SpanKind.PRODUCER,
             links=[Link(c) for c in links[:MAX_LINKS]],
             attributes={**attributes, "fluxkv.cdc.linked_writes": len(links)},
