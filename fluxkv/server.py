@@ -179,6 +179,8 @@ class Node:
         await self._transport.stop(0)
         if self._etcd is not None:
             await self._etcd.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     async def _join_prepare(self, advertised: str) -> None:
         """Read the cluster's members before serving (with FLUX_ETCD_AT_START=fail,
