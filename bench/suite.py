@@ -180,7 +180,7 @@ def run_matrix(mode: Mode, servers: dict[str, Server | Etcd | Unavailable]) -> l
 
 def start_servers(stack: ExitStack, cdc_names: str) -> dict[str, Server | Etcd | Unavailable]:
     """Start every server the scenarios need; an optional one that cannot start is recorded as Unavailable."""
-    node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
+    node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--admin-port", "0"]
     servers: dict[str, Server | Etcd | Unavailable] = {}
     started = []
     for name, argv, env in [

@@ -3,7 +3,9 @@
 both measured in the same run, alternately, by the same closed-loop client. With
 --cdc-url, a third node publishes every change to that RabbitMQ broker (CDC on,
 publisher confirms, persistent messages, a durable queue), and the ratio
-CDC on / CDC off is reported too.
+CDC on / CDC off is reported too. With --baseline, the node of another checkout
+(say, the main branch's) is measured in the same rounds, and the ratio this
+node / baseline is reported: what a change to the request path costs.
 
 The ratios are what to compare across runs and machines; absolute QPS on a noisy
 shared machine is not. See bench/README.md.
@@ -43,6 +45,9 @@ from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
 CDC = "fluxkv+cdc"
+BASELINE = "baseline"
+# The nodes' admin HTTP ports: free ones, so that nodes (and runs) never collide.
+NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
@@ -224,6 +229,15 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
     print("(p50/p99 of each server's median round; CPU per request: median over rounds)")
     cpu_text = f"{cpu_ratio:.2f}x the reference's" if cpu_ratio is not None else "n/a"
     print(f"\nratio fluxkv/reference (median QPS): {ratio:.2f}   fluxkv server CPU per request: {cpu_text}")
+    base = summaries.get(BASELINE)
+    base_ratio = kv["median_qps"] / base["median_qps"] if base else None
+    base_cpu_ratio = kv["server_cpu_s_per_req"] / base["server_cpu_s_per_req"] if base else None
+    if base:
+        per_round = [k.qps / b.qps for k, b in zip(*(
+            [r for r in runs if r.server == name] for name in ("fluxkv", BASELINE)), strict=True)]  # fmt: skip
+        rounds = " ".join(f"{x:.2f}" for x in per_round)
+        print(f"ratio fluxkv/baseline (median QPS): {base_ratio:.2f}   server CPU per request: "
+              f"{base_cpu_ratio:.2f}x the baseline's   per round: {rounds}")  # fmt: skip
     cdc = summaries.get(CDC)
     cdc_ratio = cdc["median_qps"] / kv["median_qps"] if cdc else None
     if cdc:
@@ -238,13 +252,17 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
             "bench": "unary_set",
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": info,
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"},
             "reference": ref,
             "fluxkv": kv,
             "ratio_median_qps": ratio,
             "ratio_server_cpu_per_req": cpu_ratio,
             "cdc": cdc,
             "ratio_cdc_on_off_median_qps": cdc_ratio,
+            "baseline": base,
+            "baseline_commit": checkout_commit(args.baseline) if args.baseline else None,
+            "ratio_baseline_median_qps": base_ratio,
+            "ratio_baseline_server_cpu_per_req": base_cpu_ratio,
             "runs": [asdict(r) for r in runs],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +276,14 @@ async def delete_cdc_objects(url: str, name: str) -> None:
         channel = await connection.channel()
         await channel.queue_delete(name)
         await channel.exchange_delete(name)
+
+
+def checkout_commit(checkout: Path) -> str:
+    """The short commit of a git checkout, or "unknown" (say, an exported tree)."""
+    result = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -274,10 +300,18 @@ def main() -> int:
     p.add_argument("-d", "--value-size", type=int, default=100, help="value size in bytes (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a node with CDC on, publishing to this broker")
+    p.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        type=Path,
+        help="also measure CHECKOUT/cmd/fluxkv-server (another checkout, e.g. `git worktree add /tmp/main main`)",
+    )
     p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
     args = p.parse_args()
     if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
         p.error("-c, -n, --conns, -r and --rounds must be at least 1, --warmup at least 0")
+    if args.baseline and not (args.baseline / "cmd" / "fluxkv-server").is_file():
+        p.error(f"--baseline: no {args.baseline / 'cmd' / 'fluxkv-server'}")
 
     rng = random.Random(1)  # the same keys in the same order for every run
     value = rng.randbytes(args.value_size)
@@ -296,6 +330,10 @@ def main() -> int:
     if args.cdc_url:
         print(f"CDC on    a third node publishing to {args.cdc_url.split('@')[-1]}, exchange and durable queue "
               f"{cdc_names} (deleted at the end)")  # fmt: skip
+    if args.baseline:
+        print(
+            f"baseline  {args.baseline}/cmd/fluxkv-server (commit {checkout_commit(args.baseline)}), default settings"
+        )
     print("client    this process: one asyncio loop, closed loop, on the same machine as the servers")
 
     signal.signal(signal.SIGTERM, interrupt)  # stop the servers on SIGTERM too
@@ -303,10 +341,16 @@ def main() -> int:
     try:
         servers.append(Server("reference", [sys.executable, str(ROOT / "bench" / "noop_server.py")]))
         node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
-        servers.append(Server("fluxkv", node))
+        servers.append(Server("fluxkv", node, NODE_ENV))
+        if args.baseline:
+            servers.append(
+                Server(
+                    BASELINE, [sys.executable, str(args.baseline / "cmd" / "fluxkv-server"), "--port", "0"], NODE_ENV
+                )
+            )
         if args.cdc_url:
             env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
-            servers.append(Server(CDC, node, env))
+            servers.append(Server(CDC, node, {**NODE_ENV, **env}))
         for s in servers:
             s.wait_ready()
         runs = asyncio.run(bench(servers, requests, args))

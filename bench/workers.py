@@ -27,8 +27,9 @@ COLS = (-6, -10, 9, 9, 9, 16, 8)
 
 
 def workers(n: int) -> Server:
-    """`fluxkv-server --workers N --port 0`: ready once its N workers serve; its CPU counts them all."""
-    argv = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--workers", str(n)]
+    """`fluxkv-server --workers N --port 0 --admin-port 0`: ready once its N workers serve; its CPU counts them all."""
+    node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--admin-port", "0"]
+    argv = [*node, "--workers", str(n)]
     return Server(f"workers={n}", argv, servers=n)
 
 

@@ -42,6 +42,7 @@ from fluxkv import aof_format, aof_rewrite
 from fluxkv.aof_format import AofCorrupt, Header, Snapshot, Torn
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.errors import ErrorKind, KVError
+from fluxkv.metrics import Family, counter, gauge, states
 from fluxkv.store import Store, wall_clock_ms
 
 log = logging.getLogger("fluxkv.aof")
@@ -447,6 +448,37 @@ class AppendOnlyFile:
             cdc_checkpoint_revision=self.cdc_checkpoint,
             error=self.error,
         )
+
+    def collect(self) -> list[Family]:
+        """The file's metrics, for the node's registry."""
+        c = self.counters()
+        return [
+            states(
+                "fluxkv_aof_state",
+                "The append-only file: ok, failing (writes refused, retried) or failed (writes refused until restart).",
+                c.state,
+                ("ok", "failing", "failed"),
+            ),
+            gauge("fluxkv_aof_size_bytes", "Size of the append-only file.", c.size_bytes),
+            gauge("fluxkv_aof_base_size_bytes", "Its size after the last rewrite (or at start).", c.base_size_bytes),
+            gauge(
+                "fluxkv_aof_written_revision",
+                "Every change up to this revision is written to the file.",
+                c.written_revision,
+            ),
+            gauge("fluxkv_aof_durable_revision", "Every change up to this revision is fsynced.", c.durable_revision),
+            counter("fluxkv_aof_records_written_total", "Change records written.", c.records_written),
+            counter("fluxkv_aof_batches_written_total", "Batches written, one write() each.", c.batches_written),
+            counter("fluxkv_aof_fsyncs_total", "fsyncs of the file.", c.fsyncs),
+            counter(
+                "fluxkv_aof_writes_delayed_total",
+                "Writes that waited for the writer to catch up (FLUX_AOF_BUFFER_BYTES).",
+                c.writes_delayed,
+            ),
+            counter("fluxkv_aof_rewrites_total", "Rewrites completed.", c.rewrites),
+            gauge("fluxkv_aof_rewrite_in_progress", "1 while a rewrite runs.", int(c.rewrite_in_progress)),
+            gauge("fluxkv_aof_last_rewrite_seconds", "How long the last rewrite took.", c.last_rewrite_seconds),
+        ]
 
     def describe(self) -> str:
         c = self.counters()

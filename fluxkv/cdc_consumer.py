@@ -55,6 +55,7 @@ VARIABLES: Mapping[str, str] = {
     "--exchange-type": "FLUX_CDC_EXCHANGE_TYPE",
     "--queue": "FLUX_CDC_QUEUE",
     "--prefetch": "FLUX_CDC_PREFETCH",
+    "--log-format": "FLUX_LOG_FORMAT",
 }
 CONNECT_TIMEOUT_S = 10.0
 RETRY_MIN_S = 0.5
@@ -263,11 +264,20 @@ class CdcConsumer:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._consuming:
                     delay, last_reason = RETRY_MIN_S, ""
-                    log.warning("lost the connection to %s (%s); reconnecting", self._where, reason)
+                    log.warning(
+                        "lost the connection to %s (%s); reconnecting",
+                        self._where,
+                        reason,
+                        extra={"event": "cdc_lost"},
+                    )
                 elif reason != last_reason:
                     last_reason = reason
                     log.warning(
-                        "cannot connect to %s (%s); retrying every %g s at most", self._where, reason, RETRY_MAX_S
+                        "cannot connect to %s (%s); retrying every %g s at most",
+                        self._where,
+                        reason,
+                        RETRY_MAX_S,
+                        extra={"event": "cdc_unreachable"},
                     )
             finally:
                 session.alive = False
@@ -320,6 +330,7 @@ class CdcConsumer:
                 self._exchange_type,
                 self._exchange,
                 self._where,
+                extra={"event": "cdc_connected"},
             )
             self._consuming = True
             self._changed.set()
@@ -396,6 +407,7 @@ class Options:
     binding_keys: tuple[str, ...] | None
     prefetch: int
     output: str | None
+    log_format: str
 
 
 async def _run(options: Options) -> int:
@@ -431,16 +443,16 @@ async def _run(options: Options) -> int:
                 data = b"".join(orjson.dumps(e.raw, option=orjson.OPT_APPEND_NEWLINE) for e in events)
                 await asyncio.to_thread(write, data)
                 written += len(events)
-        log.info("stopped; %d events written", written)
+        log.info("stopped; %d events written", written, extra={"event": "stopped", "events": written})
         return 0
     except BrokenPipeError:  # stdout closed early, as by `| head`: end quietly, as if killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except CdcError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra={"event": "failed"})
         return 1
     except OSError as exc:
-        log.error("%s: %s", exc.filename or options.output or "stdout", exc.strerror or exc)
+        log.error("%s: %s", exc.filename or options.output or "stdout", exc.strerror or exc, extra={"event": "failed"})
         return 1
     finally:
         if output is not None:
@@ -448,7 +460,7 @@ async def _run(options: Options) -> int:
 
 
 def _on_signal(sig: signal.Signals, consumer: CdcConsumer) -> None:
-    log.info("received %s; stopping", sig.name)
+    log.info("received %s; stopping", sig.name, extra={"event": "signal", "signal": sig.name})
     consumer.stop()
 
 
@@ -484,6 +496,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prefetch", help=f"most messages unacked at once (default {DEFAULT_PREFETCH}) [FLUX_CDC_PREFETCH]"
     )
     parser.add_argument("--output", metavar="FILE", help="append to FILE instead of writing to stdout")
+    parser.add_argument("--log-format", help="log lines as console text (default) or json [FLUX_LOG_FORMAT]")
     return parser
 
 
@@ -521,6 +534,10 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Option
         prefetch = 0
     if not 1 <= prefetch <= 65535:
         parser.error(f"invalid {source}: expected an integer from 1 to 65535, got {text!r}")
+    source, text = value("--log-format", s.log_format)
+    log_format = text.strip().lower()
+    if log_format not in logs.FORMATS:
+        parser.error(f"invalid {source}: expected one of {', '.join(logs.FORMATS)}, got {text!r}")
     return Options(
         url=url,
         exchange=names["--exchange"],
@@ -529,10 +546,11 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Option
         binding_keys=tuple(args.binding_keys) if args.binding_keys is not None else None,
         prefetch=prefetch,
         output=args.output,
+        log_format=log_format,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv, os.environ)
-    logs.configure(logging.INFO)
+    logs.configure(logging.INFO, options.log_format)
     sys.exit(asyncio.run(_run(options)))

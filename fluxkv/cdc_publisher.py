@@ -20,6 +20,9 @@ AMQP messages and publishes them to RabbitMQ with publisher confirms.
   file whatever is not in the queue: the changes after the checkpoint at
   start-up, and those the full queue spilled. No acknowledged write is then
   missing from the stream, even after a crash.
+- With tracing on, publishing a batch that carries sampled writes is a
+  PRODUCER span, from the publish to the broker's confirm, linked to those
+  writes' spans (fluxkv/tracing.py, WriteLinks).
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from fluxkv import cdc_events
 from fluxkv.aof import AppendOnlyFile
 from fluxkv.cdc_queue import CdcQueue, record_bytes
 from fluxkv.config import Settings, redact_url
+from fluxkv.metrics import Family, counter, gauge, states
+from fluxkv.tracing import Tracing
 
 log = logging.getLogger("fluxkv.cdc")
 
@@ -49,6 +55,7 @@ CONNECT_TIMEOUT_S = 10.0
 _EVENT_OVERHEAD = 120
 # At most one log line about dropped events per this many seconds.
 _DROP_REPORT_INTERVAL_S = 10.0
+CONNECTION_STATES = ("connecting", "connected", "reconnecting")
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,11 @@ class CdcCounters:
 
 
 class _Batch:
-    __slots__ = ("body", "confirmed", "events", "first", "held", "last", "nbytes", "publish")
+    __slots__ = ("body", "confirmed", "events", "first", "held", "last", "links", "nbytes", "publish", "span")
 
-    def __init__(self, first: int, last: int, events: int, nbytes: int, body: bytes, held: bool = True) -> None:
+    def __init__(
+        self, first: int, last: int, events: int, nbytes: int, body: bytes, links: list[SpanContext], held: bool = True
+    ) -> None:
         self.first = first
         self.last = last
         self.events = events
@@ -84,12 +93,17 @@ class _Batch:
         self.body = body
         self.confirmed = False
         self.publish: asyncio.Future[Any] | None = None
+        self.links = links  # span contexts of the sampled writes it carries
+        self.span: Span | None = None  # the publish in progress, with tracing on
 
 
 class CdcPublisher:
-    def __init__(self, queue: CdcQueue, settings: Settings, aof: AppendOnlyFile | None = None) -> None:
+    def __init__(
+        self, queue: CdcQueue, settings: Settings, aof: AppendOnlyFile | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._queue = queue
         self._aof = aof
+        self._tracing = tracing
         # With an AOF: the revision to publish next, and the last one that
         # flush() waits for.
         self._next = 0
@@ -140,6 +154,55 @@ class CdcPublisher:
             spilled=q.spilled,
         )
 
+    def collect(self) -> list[Family]:
+        """The publisher's metrics, for the node's registry."""
+        c = self.counters()
+        return [
+            states(
+                "fluxkv_cdc_connection",
+                "The CDC publisher's connection to the broker: 1 for its state now.",
+                c.connection,
+                CONNECTION_STATES,
+            ),
+            counter("fluxkv_cdc_events_queued_total", "Change events put in the CDC queue.", c.queued),
+            counter("fluxkv_cdc_events_published_total", "Change events published (the first time).", c.published),
+            counter("fluxkv_cdc_events_confirmed_total", "Change events the broker confirmed.", c.confirmed),
+            counter(
+                "fluxkv_cdc_events_republished_total",
+                "Change events published again after a lost connection or a nack.",
+                c.republished,
+            ),
+            counter(
+                "fluxkv_cdc_events_dropped_total",
+                "Change events dropped because the CDC queue was full (FLUX_CDC_FULL_POLICY=drop).",
+                c.dropped,
+            ),
+            gauge(
+                "fluxkv_cdc_queue_events", "Change events held between a write and the broker's confirm.", c.queue_depth
+            ),
+            gauge("fluxkv_cdc_queue_bytes", "Key and value bytes of the change events held.", c.queue_bytes),
+            counter(
+                "fluxkv_cdc_writes_delayed_total",
+                "Writes that waited for room in the full CDC queue (FLUX_CDC_FULL_POLICY=block).",
+                c.writes_delayed,
+            ),
+            counter(
+                "fluxkv_cdc_writes_refused_total",
+                "Writes refused with UNAVAILABLE because the CDC queue stayed full.",
+                c.writes_refused,
+            ),
+            gauge(
+                "fluxkv_cdc_confirmed_revision",
+                "Revision up to which the broker confirmed every change event.",
+                c.confirmed_revision,
+            ),
+            counter(
+                "fluxkv_cdc_events_spilled_total",
+                "Change events the full CDC queue left to be read back from the append-only file.",
+                c.spilled,
+            ),
+        ]
+
     def describe(self) -> str:
         c = self.counters()
         return (
@@ -182,6 +245,7 @@ class CdcPublisher:
                     self._exchange_name,
                     self._exchange_type.value,
                     f", {len(self._in_flight)} unconfirmed batches to publish again" if self._in_flight else "",
+                    extra={"event": "cdc_connected"},
                 )
                 backoff = RECONNECT_MIN_S
                 last_error = ""
@@ -190,10 +254,19 @@ class CdcPublisher:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self.connection == "connected":
                     log.warning(
-                        "CDC lost the broker at %s (%s); reconnecting, %d events held", where, error, self._queue.depth
+                        "CDC lost the broker at %s (%s); reconnecting, %d events held",
+                        where,
+                        error,
+                        self._queue.depth,
+                        extra={"event": "cdc_lost"},
                     )
                 elif error != last_error:
-                    log.warning("CDC cannot reach the broker at %s (%s); retrying", where, error)
+                    log.warning(
+                        "CDC cannot reach the broker at %s (%s); retrying",
+                        where,
+                        error,
+                        extra={"event": "cdc_unreachable"},
+                    )
                 last_error = error
                 self.connection = "reconnecting"
             finally:
@@ -299,8 +372,10 @@ class CdcPublisher:
             raise RuntimeError(f"the append-only file lacks revision {self._next}, which CDC must publish")
         node, epoch = self._node, self._epoch
         parts = [cdc_events.encode_event(record, node, epoch) for record in records]
-        self._next = records[-1].revision + 1
-        return _Batch(records[0].revision, records[-1].revision, len(parts), 0, cdc_events.join_events(parts), False)
+        first, last = records[0].revision, records[-1].revision
+        self._next = last + 1
+        links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
+        return _Batch(first, last, len(parts), 0, cdc_events.join_events(parts), links, held=False)
 
     def _next_batch(self) -> _Batch:
         """Take pending records until their JSON reaches the batch size (with
@@ -324,7 +399,8 @@ class CdcPublisher:
             if not first:
                 first = last
         self._next = last + 1
-        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts))
+        links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
+        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts), links)
 
     def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
         if again:
@@ -342,13 +418,38 @@ class CdcPublisher:
         )
         # Tasks take the channel's (FIFO) lock in creation order, so the
         # broker receives the batches in revision order.
+        if batch.links and self._tracing is not None:
+            batch.span = self._tracing.publish_span(
+                f"publish {self._exchange_name}",
+                batch.links,
+                {
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": self._exchange_name,
+                    "messaging.rabbitmq.destination.routing_key": self._node,
+                    "messaging.message.id": str(message.message_id),
+                    "fluxkv.cdc.events": batch.events,
+                    "fluxkv.cdc.first_revision": batch.first,
+                    "fluxkv.cdc.last_revision": batch.last,
+                    "fluxkv.cdc.republished": again,
+                },
+            )
         batch.publish = asyncio.ensure_future(exchange.publish(message, routing_key=self._node, mandatory=False))
         batch.publish.add_done_callback(lambda done: self._on_publish_done(batch, done))
 
     def _on_publish_done(self, batch: _Batch, done: asyncio.Future[Any]) -> None:
+        span, batch.span = batch.span, None
         if done.cancelled():
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, "the connection was lost; published again on the next one"))
+                span.end()
             return
         exc = done.exception()
+        if span is not None:
+            if exc is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
         if exc is not None:
             self._fail(exc)  # a nack (DeliveryError) or a lost channel
             return
@@ -414,6 +515,7 @@ class CdcPublisher:
             "CDC queue full: %d events dropped (FLUX_CDC_FULL_POLICY=drop), %d in all",
             dropped - self._dropped_reported,
             dropped,
+            extra={"event": "cdc_dropped"},
         )
         self._dropped_reported = dropped
         self._drops_reported_at = now

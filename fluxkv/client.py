@@ -19,6 +19,13 @@ down) is tried again after an exponential backoff with jitter, at most
 is looked up again each time: the ring may have changed. Nothing else is
 retried. Failures are typed: see FluxKVError and its subclasses.
 
+Tracing. Each call to a node is an OpenTelemetry CLIENT span (named
+"fluxkv.v1.KV/Set", ...) whose context goes to the node in the call's
+`traceparent` metadata, so the node's span is its child. The spans come from
+the application's tracer provider (the global one, or `tracer_provider=`); an
+application that sets none up gets no-op spans, which cost a few hundred
+nanoseconds per call and send nothing. Watch streams are not traced.
+
 One core, two faces. All of the logic lives in the asyncio `Client`.
 `SyncClient` owns a private event loop in a daemon thread and runs Client's
 coroutines there, one hop between threads per call (per page for scan, per
@@ -52,11 +59,14 @@ from typing import Any, Literal, ParamSpec, Protocol, Self, TypeVar, runtime_che
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import trace
 
+from fluxkv import __version__
 from fluxkv.discovery import DEFAULT_PREFIX, EtcdNodes
 from fluxkv.hash_ring import DEFAULT_VNODES, HashRing
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
+from fluxkv.rpc_spans import client_failed, client_span
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -264,6 +274,7 @@ class Client:
     nodes and every client must agree), and multi-key calls send at most
     `max_batch_items` keys and (multi_set) `max_batch_bytes` of keys and values
     per request: the nodes' FLUX_MAX_BATCH_ITEMS and FLUX_MAX_BATCH_BYTES.
+    `tracer_provider` makes the calls' spans (default: OpenTelemetry's global one).
     """
 
     def __init__(
@@ -275,6 +286,7 @@ class Client:
         vnodes: int = DEFAULT_VNODES,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         if isinstance(nodes, str):
             nodes = [nodes]
@@ -284,6 +296,7 @@ class Client:
         self._ring = HashRing(vnodes=vnodes)
         self._max_items = int(_positive("max_batch_items", max_batch_items))
         self._max_bytes = int(_positive("max_batch_bytes", max_batch_bytes))
+        self._tracer = trace.get_tracer("fluxkv.client", __version__, tracer_provider)
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # node -> (channel, KVStub)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()  # channels of departed nodes, finishing their calls
@@ -499,10 +512,12 @@ class Client:
     async def _invoke(self, node: str, method: str, request: Message, deadline: float) -> Any:
         """One call of `method` on `node`, due by `deadline` (loop time); gRPC failures become FluxKVErrors."""
         seconds = deadline - asyncio.get_running_loop().time()
-        try:
-            return await getattr(self._stub(node), method)(request, timeout=seconds)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc, node) from None
+        with client_span(self._tracer, f"fluxkv.v1.KV/{method}", node) as (span, metadata):
+            try:
+                return await getattr(self._stub(node), method)(request, timeout=seconds, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                client_failed(span, exc.code())
+                raise _error(exc, node) from None
 
     def _stub(self, node: str) -> Any:
         entry = self._channels.get(node)
@@ -688,6 +703,7 @@ class SyncClient:
         vnodes: int = DEFAULT_VNODES,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self._client = Client(
             nodes,
@@ -696,6 +712,7 @@ class SyncClient:
             vnodes=vnodes,
             max_batch_items=max_batch_items,
             max_batch_bytes=max_batch_bytes,
+            tracer_provider=tracer_provider,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fluxkv-client", daemon=True)

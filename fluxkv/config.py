@@ -63,7 +63,10 @@ class Settings:
     ring_vnodes: int = 160
     workers: int = 1
     pprof_enabled: bool = False
-    pprof_port: int = 6060
+    admin_port: int | None = 6060  # None: off
+    log_format: str = "console"
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 0.1
     aof_filename: str = ""
     aof_append_fsync: str = "everysec"
     aof_rewrite_percent: int = 100
@@ -77,6 +80,8 @@ class Setting:
     env: str
     doc: str
     parse: Callable[[str], Any]
+    # Older names of the variable, read when `env` is not set (say, Flux-KV's).
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -89,11 +94,16 @@ class Setting:
     @property
     def shown_default(self) -> str:
         """The default as a variable's value, as the README's table shows it."""
-        d = self.default
-        if isinstance(d, bool):
-            return str(d).lower()
-        text = ",".join(d) if isinstance(d, tuple) else str(d)
-        return text or '""'
+        return self.as_variable(self.default) or '""'
+
+    @staticmethod
+    def as_variable(value: Any) -> str:
+        """A value of the setting as its variable's text, which parses back to it."""
+        if value is None:
+            return "off"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -110,7 +120,7 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float) -> Callable[[str], float]:
+def _float(lo: float, hi: float | None = None) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -118,6 +128,8 @@ def _float(lo: float) -> Callable[[str], float]:
             raise ValueError(f"expected a number, got {text!r}") from None
         if not value >= lo:  # also rejects NaN
             raise ValueError(f"expected a number of at least {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise ValueError(f"expected a number from {lo} to {hi}, got {text}")
         return value
 
     return parse
@@ -161,6 +173,15 @@ def _bool(text: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
+
+
+def _port_or_off(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return _int(0, 65535)(text)
+    except ValueError:
+        raise ValueError(f"expected a port from 0 to 65535 or off, got {text!r}") from None
 
 
 def _host(text: str) -> str:
@@ -343,14 +364,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "pprof_enabled",
         "FLUX_PPROF_ENABLED",
-        "Serve CPU profiles of the node (py-spy) over HTTP on FLUX_SERVER_HOST, at /debug/pprof/, as Flux-KV's pprof.",
+        "Serve CPU profiles of the node (py-spy) on the admin port, at /debug/pprof/, as Flux-KV's pprof.",
         _bool,
     ),
     Setting(
-        "pprof_port",
-        "FLUX_PPROF_PORT",
-        "HTTP port of the profiling endpoint; 0 picks a free port. Worker i listens on this port + i.",
-        _int(0, 65535),
+        "admin_port",
+        "FLUX_ADMIN_PORT",
+        "HTTP port on FLUX_SERVER_HOST for /metrics, /healthz, /readyz and /debug/pprof/; 0 picks a free port, off "
+        "serves none. Worker i listens on this port + i. Flux-KV's FLUX_PPROF_PORT is read when this is not set.",
+        _port_or_off,
+        aliases=("FLUX_PPROF_PORT",),
+    ),
+    Setting(
+        "log_format",
+        "FLUX_LOG_FORMAT",
+        "Log lines: console (text for people) or json (one object per line: ts, level, logger, msg, event...). "
+        "fluxkv-cdc reads it too.",
+        _choice("console", "json"),
+    ),
+    Setting(
+        "otlp_endpoint",
+        "FLUX_JAEGER_ENDPOINT",
+        "OTLP/gRPC endpoint spans are exported to, e.g. jaeger:4317 (plaintext unless https://). Empty: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT's, and with neither, tracing is off.",
+        _text,
+    ),
+    Setting(
+        "trace_sample_ratio",
+        "FLUX_TRACE_SAMPLE_RATIO",
+        "Share of calls traced when the caller did not decide, from 0 to 1; a caller's sampled (or not) trace is "
+        "followed.",
+        _float(0.0, 1.0),
     ),
     Setting(
         "aof_filename",
@@ -404,6 +448,9 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Setting
     for s in SETTINGS:
         given = flags.get(s.field)
         source, raw = (s.flag, given) if given is not None else (s.env, environ.get(s.env))
+        for alias in s.aliases:
+            if raw is None:
+                source, raw = alias, environ.get(alias)
         if raw is None:
             continue
         try:
@@ -413,6 +460,8 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Setting
     settings = Settings(**values)
     _check_consistent(settings)
     _check_cdc(settings)
+    if settings.pprof_enabled and settings.admin_port is None:
+        raise ConfigError("FLUX_PPROF_ENABLED serves profiles on the admin port, but FLUX_ADMIN_PORT is off")
     return settings
 
 
@@ -423,7 +472,7 @@ OTHER_PROGRAMS_VARIABLES = {"FLUX_CDC_PREFETCH": "fluxkv-cdc"}
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """FLUX_* variables that no setting reads (typos, or features not built yet)."""
-    known = {s.env for s in SETTINGS} | set(OTHER_PROGRAMS_VARIABLES)
+    known = {name for s in SETTINGS for name in (s.env, *s.aliases)} | set(OTHER_PROGRAMS_VARIABLES)
     return sorted(k for k in environ if k.startswith("FLUX_") and k not in known)
 
 

@@ -21,6 +21,8 @@ from google.protobuf.message import Message
 from fluxkv import call_context
 from fluxkv.errors import ErrorKind, KVError
 from fluxkv.hash_ring import HashRing
+from fluxkv.rpc_spans import client_failed, client_span
+from fluxkv.tracing import Tracing
 
 M = TypeVar("M", bound=Message)
 
@@ -36,8 +38,9 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 class Router:
-    def __init__(self, address: str, vnodes: int, max_message_bytes: int) -> None:
+    def __init__(self, address: str, vnodes: int, max_message_bytes: int, tracing: Tracing | None = None) -> None:
         self.address = address
+        self._tracing = tracing
         self._vnodes = vnodes
         self._ring: HashRing | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -71,12 +74,18 @@ class Router:
             channel = self._channels[owner] = grpc.aio.insecure_channel(owner, options=self._options)
         call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response.FromString)
         self.forwarded += 1
+        metadata = [(call_context.FORWARDED_BY, self.address)]
+        timeout = call_context.time_remaining() or DEFAULT_TIMEOUT_S
         try:
-            answer: M = await call(
-                request,
-                timeout=call_context.time_remaining() or DEFAULT_TIMEOUT_S,
-                metadata=((call_context.FORWARDED_BY, self.address),),
-            )
+            if self._tracing is None:
+                answer: M = await call(request, timeout=timeout, metadata=metadata)
+            else:
+                with client_span(self._tracing.tracer, method.lstrip("/"), owner) as (span, trace_metadata):
+                    try:
+                        answer = await call(request, timeout=timeout, metadata=metadata + (trace_metadata or []))
+                    except grpc.aio.AioRpcError as exc:
+                        client_failed(span, exc.code())
+                        raise
         except grpc.aio.AioRpcError as exc:
             kind = _KIND_OF.get(exc.code(), ErrorKind.UNAVAILABLE)
             raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)") from None

@@ -3,15 +3,20 @@
 the standard health service and server reflection.
 
 Request and response types come from the services' descriptors; each
-KVError kind maps to its status code here and nowhere else.
+KVError kind maps to its status code here and nowhere else. Each call is
+counted in its method's MethodStats (fluxkv/metrics.py) as it ends and, with
+tracing on, is a SERVER span (fluxkv/tracing.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+from bisect import bisect_left
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
+from time import perf_counter
 from typing import Any, cast
 
 import grpc
@@ -22,6 +27,9 @@ from grpc_reflection.v1alpha import reflection
 
 from fluxkv import call_context
 from fluxkv.errors import ErrorKind, KVError
+from fluxkv.metrics import LATENCY_BOUNDS, MethodStats, RequestMetrics
+from fluxkv.rpc_spans import rpc_attributes
+from fluxkv.tracing import Tracing
 
 log = logging.getLogger("fluxkv.grpc")
 
@@ -44,7 +52,13 @@ STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
 class GrpcTransport:
     """One grpc.aio server for a set of services: {"pkg.Service": {"Method": handler}}."""
 
-    def __init__(self, services: Mapping[str, Mapping[str, Handler]], max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        services: Mapping[str, Mapping[str, Handler]],
+        max_message_bytes: int,
+        metrics: RequestMetrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -54,7 +68,7 @@ class GrpcTransport:
             ]
         )
         for name, methods in services.items():
-            handlers = _method_handlers(name, methods)
+            handlers = _method_handlers(name, methods, metrics, tracing)
             self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             # Registered methods skip grpcio's generic lookup on every call.
             self._server.add_registered_method_handlers(name, handlers)
@@ -87,7 +101,9 @@ class GrpcTransport:
         await self._server.stop(grace_s)
 
 
-def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, grpc.RpcMethodHandler]:
+def _method_handlers(
+    service: str, methods: Mapping[str, Handler], metrics: RequestMetrics, tracing: Tracing | None
+) -> dict[str, grpc.RpcMethodHandler]:
     descriptor = descriptor_pool.Default().FindServiceByName(service)
     declared = set(descriptor.methods_by_name)
     if declared != set(methods):
@@ -103,15 +119,16 @@ def _method_handlers(service: str, methods: Mapping[str, Handler]) -> dict[str, 
             raise ValueError(f"{path}: the proto's method needs {needed} as its handler")
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
+        stats = metrics.method(path, method.server_streaming)
         if method.server_streaming:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream(path, cast(StreamHandler, fn)),
+                _stream(path, cast(StreamHandler, fn), stats, tracing),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(path, cast(UnaryHandler, fn)),
+                _unary(path, cast(UnaryHandler, fn), stats, tracing),
                 request_deserializer=_parser(request),
                 response_serializer=response.SerializeToString,
             )
@@ -137,40 +154,94 @@ def _parser(request: type[Message]) -> Callable[[bytes], Message | _Malformed]:
     return parse
 
 
-def _unary(path: str, fn: UnaryHandler) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+def _unary(
+    path: str, fn: UnaryHandler, stats: MethodStats, tracing: Tracing | None
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    buckets = stats.buckets
+    attributes = rpc_attributes(path)
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if type(request) is _Malformed:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        call_context.current.set(context)
+        start = perf_counter()
+        # The handler runs in the span's context: a write's sink (WriteLinks) and
+        # a forwarded call see it.
+        span = (
+            None
+            if tracing is None
+            else tracing.server_span(path, attributes, context.invocation_metadata(), current=True)
+        )
+        status = _OK
         try:
-            return await fn(request)
-        except Exception as exc:
-            await _abort(context, path, exc)
+            if type(request) is _Malformed:
+                status = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(status, request.message)
+            call_context.current.set(context)
+            try:
+                return await fn(request)
+            except Exception as exc:
+                status, message = _status_of(path, exc)
+                await context.abort(status, message)
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            status = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            elapsed = perf_counter() - start
+            buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+            stats.sum += elapsed
+            if status is not _OK:
+                stats.failed(status.name)
+            if span is not None:
+                span.end(status)
 
     return call
 
 
-def _stream(path: str, fn: StreamHandler) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+def _stream(
+    path: str, fn: StreamHandler, stats: MethodStats, tracing: Tracing | None
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+    attributes = rpc_attributes(path)
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
-        if type(request) is _Malformed:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        call_context.current.set(context)
+        # Not the current span: a generator may be closed from another context.
+        span = (
+            None
+            if tracing is None
+            else tracing.server_span(path, attributes, context.invocation_metadata(), current=False)
+        )
+        status = _OK
         try:
-            async with aclosing(fn(request)) as responses:
-                # The handler accepted the request and set the stream up: say so.
-                await context.send_initial_metadata(())
-                async for response in responses:
-                    yield response
-        except Exception as exc:
-            await _abort(context, path, exc)
+            if type(request) is _Malformed:
+                status = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(status, request.message)
+            call_context.current.set(context)
+            try:
+                async with aclosing(fn(request)) as responses:
+                    # The handler accepted the request and set the stream up: say so.
+                    await context.send_initial_metadata(())
+                    async for response in responses:
+                        yield response
+            except Exception as exc:
+                status, message = _status_of(path, exc)
+                await context.abort(status, message)
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+            status = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            stats.streams += 1
+            if status is not _OK:
+                stats.failed(status.name)
+            if span is not None:
+                span.end(status)
 
     return call
 
 
-async def _abort(context: grpc.aio.ServicerContext, path: str, exc: Exception) -> None:
-    """End the call with the status for `exc`: KVError's kind, else INTERNAL
-    (logged). context.abort raises, so this never returns normally."""
+_OK = grpc.StatusCode.OK
+
+
+def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message that end a call whose handler raised `exc`:
+    KVError's kind, else INTERNAL (logged)."""
     if isinstance(exc, KVError):
-        await context.abort(STATUS_OF[exc.kind], exc.message)
+        return STATUS_OF[exc.kind], exc.message
     log.exception("unexpected error in %s", path, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}"

@@ -12,11 +12,13 @@ import asyncio
 import logging
 
 from fluxkv.etcd_client import EtcdClient, EtcdError
+from fluxkv.metrics import Family, counter, states
 
 log = logging.getLogger("fluxkv.registration")
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
+STATES = ("unregistered", "registered", "lost", "revoked")
 
 
 class Registration:
@@ -26,13 +28,25 @@ class Registration:
         self.address = address
         self._ttl = ttl_s
         self._lease = 0
-        # "unregistered", "registered", "lost" or "revoked".
-        self.state = "unregistered"
+        self.state = "unregistered"  # one of STATES
         self.registrations = 0
 
     def describe(self) -> str:
         lease = f"lease {self._lease:x}, TTL {self._ttl} s" if self._lease else f"TTL {self._ttl} s"
         return f"{self.state} as {self.key} ({lease}); registered {self.registrations} times"
+
+    def collect(self) -> list[Family]:
+        """The registration's metrics, for the node's registry."""
+        return [
+            states(
+                "fluxkv_etcd_registration", "This node's registration in etcd: 1 for its state now.", self.state, STATES
+            ),
+            counter(
+                "fluxkv_etcd_registrations_total",
+                "Times this node registered in etcd (again after a lost lease).",
+                self.registrations,
+            ),
+        ]
 
     async def register(self) -> None:
         """Grant a lease and put the key under it; raises EtcdError."""
@@ -43,9 +57,15 @@ class Registration:
         again = self.state == "lost"
         self.state = "registered"
         if again:
-            log.info("registered again in etcd as %s (lease %x)", self.key, lease)
+            log.info("registered again in etcd as %s (lease %x)", self.key, lease, extra={"event": "registered"})
         else:
-            log.info("registered in etcd as %s (lease %x, TTL %d s)", self.key, lease, self._ttl)
+            log.info(
+                "registered in etcd as %s (lease %x, TTL %d s)",
+                self.key,
+                lease,
+                self._ttl,
+                extra={"event": "registered"},
+            )
 
     async def run(self) -> None:
         """Keep the lease alive, registering again whenever it is lost."""
@@ -71,7 +91,12 @@ class Registration:
                 reason = "etcd no longer knows the lease"
             # Register anew (a new lease): the old one, if it still lives, expires unused.
             if self.state == "registered":
-                log.warning("cannot renew the etcd registration of %s (%s); registering again", self.key, reason)
+                log.warning(
+                    "cannot renew the etcd registration of %s (%s); registering again",
+                    self.key,
+                    reason,
+                    extra={"event": "registration_lost"},
+                )
             self.state = "lost"
 
     async def revoke(self) -> None:
@@ -82,6 +107,12 @@ class Registration:
         self.state = "revoked"
         try:
             await self._client.lease_revoke(self._lease)
-            log.info("deregistered from etcd: %s", self.key)
+            log.info("deregistered from etcd: %s", self.key, extra={"event": "deregistered"})
         except EtcdError as exc:
-            log.warning("could not revoke the etcd lease of %s (%s); it expires within %d s", self.key, exc, self._ttl)
+            log.warning(
+                "could not revoke the etcd lease of %s (%s); it expires within %d s",
+                self.key,
+                exc,
+                self._ttl,
+                extra={"event": "deregister_failed"},
+            )

@@ -13,8 +13,10 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from http import HTTPStatus
 
 from fluxkv import __version__, config, logs, workers
+from fluxkv.admin import AdminServer, Page, Request, Response, text
 from fluxkv.aof import AofCounters, AofSettings, AppendOnlyFile
 from fluxkv.aof_format import AofCorrupt
 from fluxkv.cdc_publisher import CdcCounters, CdcPublisher
@@ -26,19 +28,23 @@ from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
 from fluxkv.grpc_transport import GrpcTransport
 from fluxkv.handlers import CompatHandlers, KVHandlers, WritePath
-from fluxkv.profiling import ProfilingServer
+from fluxkv.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, counter, gauge
+from fluxkv.profiling import Profiler
 from fluxkv.registration import Registration
 from fluxkv.store import Store
+from fluxkv.tracing import Tracing, from_settings
 from fluxkv.watch import WatchHub
 
 log = logging.getLogger("fluxkv.server")
 
 
 class Node:
-    """One FluxKV node. start() binds and serves; stop() shuts down in order."""
+    """One FluxKV node. start() binds and serves; stop() shuts down in order.
+    `tracing`: where its spans go (fluxkv/tracing.py); None traces nothing."""
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.version = __version__
         self.store = Store()
         # Attached before any write, so that its history starts at revision 1.
@@ -49,6 +55,13 @@ class Node:
         self._expiry = ActiveExpiry(self.store, settings.expire_interval_ms, settings.expire_batch)
         self._expiry_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self._started_at = time.time()
+        # Metrics: the transport counts requests; the rest is read at scrape time
+        # from the parts below, each of which registers its collector.
+        self.metrics = Registry()
+        self.metrics.register(self._collect)
+        requests = RequestMetrics()
+        self.metrics.register(requests.collect)
         # The append-only file: replayed at start(), before the node serves.
         self.aof: AppendOnlyFile | None = None
         if settings.aof_filename:
@@ -63,6 +76,7 @@ class Node:
                 self.store,
             )
             self.store.attach_sink(self.aof)
+            self.metrics.register(self.aof.collect)
         self.cdc: CdcPublisher | None = None
         self._cdc_task: asyncio.Task[None] | None = None
         gate = None
@@ -71,7 +85,11 @@ class Node:
             policy = "spill" if self.aof is not None else settings.cdc_full_policy
             queue = CdcQueue(settings.cdc_queue_events, settings.cdc_queue_bytes, policy, settings.cdc_block_timeout_ms)
             self.store.attach_sink(queue)
-            self.cdc = CdcPublisher(queue, settings, self.aof)
+            self.cdc = CdcPublisher(queue, settings, self.aof, tracing)
+            self.metrics.register(self.cdc.collect)
+            if tracing is not None:  # the publish spans link to the sampled writes they carry
+                self.store.attach_sink(tracing.write_links)
+                self.metrics.register(tracing.collect)
             if policy == "block":
                 gate = queue
         # Cluster membership, when etcd is configured: set up at start(),
@@ -82,11 +100,22 @@ class Node:
         self._cluster_tasks: list[asyncio.Task[None]] = []
         self.router: Router | None = None
         if settings.etcd_endpoints:
-            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes)
-        # CPU profiles over HTTP (FLUX_PPROF_ENABLED), served once the node serves.
-        self.pprof: ProfilingServer | None = None
-        if settings.pprof_enabled:
-            self.pprof = ProfilingServer(settings.host, settings.pprof_port)
+            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing)
+        # Readiness: serving, and not yet stopping (and, with etcd, registered).
+        self._serving = False
+        self._stopping = False
+        # The admin HTTP port (FLUX_ADMIN_PORT): health, readiness and CPU profiles (FLUX_PPROF_ENABLED).
+        self.profiler = Profiler() if settings.pprof_enabled else None
+        self.admin: AdminServer | None = None
+        if settings.admin_port is not None:
+            pages = {
+                "/metrics": Page(self._metrics_page, "Prometheus metrics (text format 0.0.4)"),
+                "/healthz": Page(self._healthz, "liveness: 200 while the process runs"),
+                "/readyz": Page(self._readyz, "readiness: 200 while serving (and registered in etcd), else 503"),
+            }
+            if self.profiler is not None:
+                pages |= self.profiler.pages()
+            self.admin = AdminServer(settings.host, settings.admin_port, pages)
         writes = WritePath(gate, self.aof)
         kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
         compat = CompatHandlers(self.store, settings, writes, self.router)
@@ -106,6 +135,8 @@ class Node:
                 "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
             },
             settings.max_message_bytes,
+            requests,
+            tracing,
         )
 
     @property
@@ -118,24 +149,29 @@ class Node:
         With etcd and FLUX_ETCD_AT_START=fail, EtcdError if etcd cannot be reached."""
         s = self.settings
         persistence = "no persistence"
-        if self.aof is not None:
-            persistence = await self._replay(self.aof)
-        port = self._transport.bind(s.host, s.port)
-        self.address = f"{s.host}:{port}"
-        self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
-        if self.router is not None:
-            await self._join_prepare(advertised_address(s, port))
-        await self._transport.start()
-        if self.pprof is not None:
-            try:
-                await self.pprof.start()
-            except OSError:  # its port is taken: stop serving, as when gRPC's is
-                await self._transport.stop(0)
-                if self._etcd is not None:
-                    await self._etcd.close()
-                raise
-        if self.router is not None:
-            await self._join()
+        try:
+            # The admin port first, so that /readyz says 503 while the node starts (and
+            # before binding gRPC: grpcio releases a port only once its server has started).
+            if self.admin is not None:
+                await self.admin.start()
+                if self.profiler is not None:
+                    self.profiler.announce(self.admin.url)
+            if self.aof is not None:
+                persistence = await self._replay(self.aof)
+            port = self._transport.bind(s.host, s.port)
+            self.address = f"{s.host}:{port}"
+            self.node_id = s.node_id or f"{socket.gethostname()}:{port}"
+            if self.tracing is not None:
+                self.tracing.start(self.node_id)
+            if self.router is not None:
+                await self._join_prepare(advertised_address(s, port))
+            await self._transport.start()
+            self._serving = True
+            if self.router is not None:
+                await self._join()
+        except BaseException:
+            await self._abandon_start()
+            raise
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
         etcd = "no etcd registration"
         if self._registration is not None:
@@ -143,8 +179,9 @@ class Node:
         cdc = "no CDC publishing"
         if self.cdc is not None:
             self._cdc_task = asyncio.create_task(self.cdc.run(self.node_id, self.store.epoch), name="fluxkv-cdc")
-            cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {s.cdc_full_policy} when full)"
+            cdc = f"CDC to {config.redact_url(s.rabbitmq_url)} (policy {self.cdc.counters().full_policy} when full)"
         self._started = time.monotonic()
+        self._started_at = time.time()
         log.info(
             "fluxkv %s node %s serving on %s (%s, %s, %s)",
             self.version,
@@ -153,7 +190,21 @@ class Node:
             etcd,
             cdc,
             persistence,
+            extra={"event": "serving", "node_id": self.node_id, "address": self.address, "version": self.version},
         )
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed: stop serving, close what was opened."""
+        self._serving = False
+        if self.admin is not None:
+            await self.admin.stop()
+        await self._transport.stop(0)
+        if self._etcd is not None:
+            await self._etcd.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
+        if self.aof is not None:
+            await self.aof.close()
 
     async def _replay(self, aof: AppendOnlyFile) -> str:
         """Load the store from the append-only file; start its writer."""
@@ -161,7 +212,9 @@ class Node:
         self.watch_hub.start_after(self.store.revision)
         aof.start()
         if result is None:
-            log.info("append-only file %s created (epoch %s)", aof.path, self.store.epoch)
+            log.info(
+                "append-only file %s created (epoch %s)", aof.path, self.store.epoch, extra={"event": "aof_created"}
+            )
         else:
             log.info(
                 "append-only file %s replayed: %d records in %.2f s (%.0f a second), %d keys, revision %d, epoch %s",
@@ -172,6 +225,7 @@ class Node:
                 len(self.store),
                 result.revision,
                 result.epoch,
+                extra={"event": "aof_replayed", "records": result.records, "revision": result.revision},
             )
         return f"append-only file {aof.path}, fsync {aof.fsync_policy}"
 
@@ -185,13 +239,18 @@ class Node:
         self._registration = Registration(self._etcd, s.etcd_prefix, advertised, s.etcd_lease_ttl_s)
         self._discovery = Discovery(self._etcd, s.etcd_prefix)
         self._discovery.on_change(self.router.update)
+        self.metrics.register(self._registration.collect)
+        self.metrics.register(self._collect_cluster)
         try:
             await self._discovery.read()
         except EtcdError as exc:
             if s.etcd_at_start == "fail":
-                await self._etcd.close()
                 raise
-            log.warning("etcd unreachable at start (%s): serving unregistered, retrying in the background", exc)
+            log.warning(
+                "etcd unreachable at start (%s): serving unregistered, retrying in the background",
+                exc,
+                extra={"event": "etcd_unreachable"},
+            )
 
     async def _join(self) -> None:
         """Register now that the node serves, then keep registration and membership current."""
@@ -200,13 +259,10 @@ class Node:
             await self._registration.register()
         except EtcdError as exc:
             if self.settings.etcd_at_start == "fail":
-                if self.pprof is not None:
-                    await self.pprof.stop()
-                await self._transport.stop(0)
-                assert self._etcd is not None
-                await self._etcd.close()
                 raise
-            log.warning("cannot register in etcd yet (%s); retrying in the background", exc)
+            log.warning(
+                "cannot register in etcd yet (%s); retrying in the background", exc, extra={"event": "etcd_unreachable"}
+            )
         self._cluster_tasks = [
             asyncio.create_task(self._registration.run(), name="fluxkv-etcd-registration"),
             asyncio.create_task(self._discovery.run(), name="fluxkv-etcd-discovery"),
@@ -214,11 +270,14 @@ class Node:
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish, stop background tasks."""
+        self._stopping = True  # /readyz answers 503 from here on
         grace = self.settings.shutdown_grace_s
         log.info(
-            "shutdown: ending %d watches, refusing new calls, in-flight calls have %.1f s to finish",
+            "shutdown: not ready any more, ending %d watches, refusing new calls, in-flight calls have %.1f s "
+            "to finish",
             self.watch_hub.watchers,
             grace,
+            extra={"event": "shutdown_started"},
         )
         if self._registration is not None:
             # Leave the ring first, so that clients stop sending calls here.
@@ -227,12 +286,20 @@ class Node:
             try:
                 await asyncio.wait_for(self._registration.revoke(), self.settings.etcd_timeout_s)
             except TimeoutError:
-                log.warning("shutdown: etcd did not answer in time; the registration expires with its lease")
+                log.warning(
+                    "shutdown: etcd did not answer in time; the registration expires with its lease",
+                    extra={"event": "deregister_failed"},
+                )
         # Watches never finish on their own: end them now, not after the grace period.
         self.watch_hub.close()
-        if self.pprof is not None:  # started after the transport: stopped before it
-            await self.pprof.stop()
+        draining = time.monotonic()
         await self._transport.stop(grace)
+        self._serving = False
+        log.info(
+            "shutdown: gRPC stopped after %.2f s of in-flight calls",
+            time.monotonic() - draining,
+            extra={"event": "shutdown_grpc_stopped"},
+        )
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
@@ -245,7 +312,12 @@ class Node:
             await self._flush_cdc(self.cdc, self._cdc_task)
         if self.aof is not None:  # after CDC, so that its checkpoint has the last confirm
             await self.aof.close()
-            log.info("shutdown: append-only file %s closed at revision %d", self.aof.path, self.store.revision)
+            log.info(
+                "shutdown: append-only file %s closed at revision %d",
+                self.aof.path,
+                self.store.revision,
+                extra={"event": "aof_closed"},
+            )
         for task in self._cluster_tasks:
             task.cancel()
         await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
@@ -253,20 +325,38 @@ class Node:
             await self.router.close()
         if self._etcd is not None:
             await self._etcd.close()
-        log.info("shutdown complete at revision %d with %d keys", self.store.revision, len(self.store))
+        if self.tracing is not None:
+            await self.tracing.shutdown()
+        if self.admin is not None:  # last: /readyz says 503 until the end
+            await self.admin.stop()
+        log.info(
+            "shutdown complete at revision %d with %d keys",
+            self.store.revision,
+            len(self.store),
+            extra={"event": "shutdown_complete", "revision": self.store.revision},
+        )
 
     async def _flush_cdc(self, cdc: CdcPublisher, task: asyncio.Task[None]) -> None:
         """Publish and confirm every queued event, within FLUX_CDC_FLUSH_TIMEOUT_S."""
         timeout = self.settings.cdc_flush_timeout_s
         held = cdc.counters().queue_depth
         if held:
-            log.info("shutdown: publishing %d CDC events, %.1f s at most", held, timeout)
+            log.info(
+                "shutdown: publishing %d CDC events, %.1f s at most",
+                held,
+                timeout,
+                extra={"event": "shutdown_cdc_flush"},
+            )
         flushed = await cdc.flush(timeout)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         c = cdc.counters()
         if flushed:
-            log.info("shutdown: the broker confirmed every CDC event, up to revision %d", c.confirmed_revision)
+            log.info(
+                "shutdown: the broker confirmed every CDC event, up to revision %d",
+                c.confirmed_revision,
+                extra={"event": "shutdown_cdc_flushed", "revision": c.confirmed_revision},
+            )
         else:
             log.error(
                 "shutdown: %d CDC events above revision %d were not confirmed within %.1f s "
@@ -274,6 +364,7 @@ class Node:
                 c.queue_depth,
                 c.confirmed_revision,
                 timeout,
+                extra={"event": "shutdown_cdc_lost", "revision": c.confirmed_revision},
             )
 
     async def wait_failed(self) -> None:
@@ -312,15 +403,18 @@ class Node:
         aof = ("aof", "disabled", "FLUX_AOF_FILENAME is empty: nothing is kept on disk")
         if self.aof is not None:
             aof = ("aof", self.aof.state, self.aof.describe())
-        pprof = ("pprof", "disabled", "FLUX_PPROF_ENABLED is false: no profiling endpoint")
-        if self.pprof is not None:
-            pprof = ("pprof", "running", self.pprof.describe())
+        admin = ("admin", "disabled", "FLUX_ADMIN_PORT is off: no metrics, health, readiness or profiling endpoint")
+        if self.admin is not None:
+            profiling = "profiling off (FLUX_PPROF_ENABLED is false)"
+            if self.profiler is not None:
+                profiling = self.profiler.describe()
+            admin = ("admin", "running", f"{self.admin.url}: /metrics, /healthz, /readyz; {profiling}")
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
             ("watch", "running", self.watch_hub.describe()),
             etcd,
-            pprof,
+            admin,
             aof,
         ]
 
@@ -342,10 +436,76 @@ class Node:
         await asyncio.shield(self.aof.request_rewrite())
         return before, self.aof.counters().size_bytes, time.monotonic() - started
 
+    # -- the admin port's pages ----------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether clients should be sent here now, and why (not)."""
+        if self._stopping:
+            return False, "shutting down"
+        if not self._serving:
+            return False, "starting"
+        if self._registration is not None and self._registration.state != "registered":
+            return False, f"not registered in etcd ({self._registration.state}); retrying"
+        return True, f"serving on {self.address}"
+
+    async def _metrics_page(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, CONTENT_TYPE, self.metrics.exposition())
+
+    def _collect(self) -> list[Family]:
+        """The node's own metrics: the store, watches, readiness, the process."""
+        return [
+            gauge(
+                "fluxkv_node_info",
+                "This node's id, version and epoch (which names its sequence of revisions); always 1.",
+                1,
+                node_id=self.node_id,
+                version=self.version,
+                epoch=self.store.epoch,
+            ),
+            gauge("fluxkv_ready", "1 while /readyz answers 200, else 0.", int(self.readiness()[0])),
+            gauge("fluxkv_keys", "Keys held (expired keys not yet removed included).", len(self.store)),
+            gauge("fluxkv_data_bytes", "Bytes of the keys (UTF-8) and values held.", self.store.data_bytes),
+            gauge(
+                "fluxkv_revision",
+                "The node's latest revision: the number of changes since it started.",
+                self.store.revision,
+            ),
+            counter("fluxkv_expired_keys_total", "Keys removed because their TTL passed.", self.store.expired_keys),
+            gauge("fluxkv_watchers", "Open Watch streams.", self.watch_hub.watchers),
+            counter(
+                "fluxkv_watch_fell_behind_total",
+                "Watch streams ended with OUT_OF_RANGE because they fell behind the history.",
+                self.watch_hub.fell_behind,
+            ),
+            gauge("process_resident_memory_bytes", "Resident memory size in bytes.", self.rss_bytes()),
+            gauge("fluxkv_start_time_seconds", "When the node started serving, in Unix seconds.", self._started_at),
+        ]
+
+    def _collect_cluster(self) -> list[Family]:
+        assert self._discovery is not None and self.router is not None
+        return [
+            gauge(
+                "fluxkv_ring_nodes",
+                "Nodes in the consistent-hash ring, as registered in etcd.",
+                len(self._discovery.addresses),
+            ),
+            counter("fluxkv_forwarded_calls_total", "Calls forwarded to their key's owner.", self.router.forwarded),
+        ]
+
+    async def _healthz(self, request: Request) -> Response:
+        return text(HTTPStatus.OK, "ok")
+
+    async def _readyz(self, request: Request) -> Response:
+        ready, why = self.readiness()
+        if ready:
+            return text(HTTPStatus.OK, f"ready: {why}")
+        return text(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}")
+
 
 async def serve(settings: config.Settings) -> int:
     """Run a node until SIGTERM or SIGINT; return the exit status."""
-    node = Node(settings)
+    node = Node(settings, from_settings(settings, os.environ))
+    log.info("fluxkv %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting", "pid": os.getpid()})
     # Handle signals before the node says it serves: a supervisor may send one
     # as soon as it reads that line.
     stop = asyncio.Event()
@@ -355,10 +515,10 @@ async def serve(settings: config.Settings) -> int:
     try:
         await node.start()
     except OSError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra={"event": "start_failed"})
         return 1
     except EtcdError as exc:
-        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc)
+        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc, extra={"event": "start_failed"})
         return 1
     except AofCorrupt as exc:
         log.error(
@@ -373,7 +533,7 @@ async def serve(settings: config.Settings) -> int:
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if failed.done():
-        log.error("background task failed: %r", failed.exception())
+        log.error("background task failed: %r", failed.exception(), extra={"event": "task_failed"})
         status = 1
     failed.cancel()
     stopped.cancel()
@@ -401,7 +561,7 @@ def _outbound_ip() -> str:
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
-    log.info("received %s", sig.name)
+    log.info("received %s", sig.name, extra={"event": "signal", "signal": sig.name})
     stop.set()
 
 
@@ -413,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     config.add_arguments(parser)
     settings = config.parse_args(argv, os.environ, parser)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     for name in config.unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting", name)
     if settings.workers > 1:

@@ -2,14 +2,15 @@
 independent node (its own store, port and etcd registration), supervised by
 the parent.
 
-Worker i (0-based) listens on FLUX_SERVER_PORT + i (with port 0, each picks a
-free port) and, when FLUX_NODE_ID is set, has the id <FLUX_NODE_ID>-<i>. Every
-other setting is the parent's: the parent hands its settings to each worker
-through the FLUX_* environment. A worker that exits on its own is started
-again (after 1 s, doubling up to 30 s while it keeps failing fast) and the
-parent logs it; SIGTERM or SIGINT to the parent stops every worker gracefully
-(each one deregisters, drains and flushes as a single node does), and so does
-the parent's death by any signal (on Linux).
+Worker i (0-based) listens on FLUX_SERVER_PORT + i and serves its admin HTTP
+port on FLUX_ADMIN_PORT + i (with port 0, each picks a free port) and, when
+FLUX_NODE_ID is set, has the id <FLUX_NODE_ID>-<i>. Every other setting is
+the parent's: the parent hands its settings to each worker through the FLUX_*
+environment. A worker that exits on its own is started again (after 1 s,
+doubling up to 30 s while it keeps failing fast) and the parent logs it;
+SIGTERM or SIGINT to the parent stops every worker gracefully (each one
+deregisters, drains and flushes as a single node does), and so does the
+parent's death by any signal (on Linux).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ _STABLE_S = 60.0
 
 def worker_environment(settings: config.Settings, index: int) -> dict[str, str]:
     """The FLUX_* variables that make a worker process run worker `index`."""
-    env = {s.env: _as_variable(getattr(settings, s.field)) for s in config.SETTINGS}
+    env = {s.env: s.as_variable(getattr(settings, s.field)) for s in config.SETTINGS}
     env["FLUX_WORKERS"] = "1"
     env["FLUX_SERVER_PORT"] = str(settings.port + index if settings.port else 0)
-    env["FLUX_PPROF_PORT"] = str(settings.pprof_port + index if settings.pprof_port else 0)
+    if settings.admin_port is not None:
+        env["FLUX_ADMIN_PORT"] = str(settings.admin_port + index if settings.admin_port else 0)
     if settings.node_id:
         env["FLUX_NODE_ID"] = f"{settings.node_id}-{index}"
     if settings.aof_filename:  # each worker is a node with data of its own
@@ -53,10 +55,6 @@ def _stop_with_parent() -> None:
     workers outlive a parent killed without warning."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _as_variable(value: object) -> str:
-    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 class _Worker:
@@ -77,7 +75,12 @@ class _Worker:
             preexec_fn=_stop_with_parent,
         )
         self.started = time.monotonic()
-        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+        log.info(
+            "worker %d started (pid %d)",
+            self.index,
+            self.proc.pid,
+            extra={"event": "worker_started", "worker": self.index},
+        )
 
 
 async def supervise(settings: config.Settings) -> int:
@@ -89,15 +92,15 @@ async def supervise(settings: config.Settings) -> int:
     workers = [_Worker(i, worker_environment(settings, i)) for i in range(settings.workers)]
     for w in workers:
         await w.start()
-    log.info("supervising %d workers", len(workers))
+    log.info("supervising %d workers", len(workers), extra={"event": "supervising"})
     keepers = [asyncio.create_task(_keep_running(w, stop)) for w in workers]
     await stop.wait()
-    log.info("stopping %d workers", len(workers))
+    log.info("stopping %d workers", len(workers), extra={"event": "workers_stopping"})
     for w in workers:
         if w.proc is not None and w.proc.returncode is None:
             w.proc.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*keepers)
-    log.info("every worker stopped")
+    log.info("every worker stopped", extra={"event": "workers_stopped"})
     # -SIGTERM: a worker still starting (no handler yet, nothing served) ended by our signal.
     return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
 
@@ -115,7 +118,8 @@ async def _keep_running(worker: _Worker, stop: asyncio.Event) -> int:
         delay = min(RESTART_MIN_S * 2**worker.quick_failures, RESTART_MAX_S)
         worker.quick_failures += 1
         log.warning("worker %d (pid %d) exited with status %d; starting it again in %.0f s",
-                    worker.index, worker.proc.pid, code, delay)  # fmt: skip
+                    worker.index, worker.proc.pid, code, delay,
+                    extra={"event": "worker_exited", "worker": worker.index})  # fmt: skip
         try:
             await asyncio.wait_for(stop.wait(), delay)
             return code

@@ -4,6 +4,7 @@ RabbitMQ node for tests that stop, kill or restart one."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -25,14 +26,18 @@ from fluxkv import config
 from fluxkv.private_servers import EtcdServer, RabbitBroker
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.server import Node
+from fluxkv.tracing import Tracing
 
 ROOT = Path(__file__).resolve().parent.parent
+HTTP_TIMEOUT_S = 30
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30
 
 
 def settings(**overrides: object) -> config.Settings:
-    return dataclasses.replace(config.Settings(port=0, shutdown_grace_s=2.0), **overrides)  # type: ignore[arg-type]
+    """Test settings: free ports (gRPC and admin), a short grace period."""
+    defaults = config.Settings(port=0, admin_port=0, shutdown_grace_s=2.0)
+    return dataclasses.replace(defaults, **overrides)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -44,9 +49,11 @@ async def node() -> AsyncIterator[Node]:
 
 
 @asynccontextmanager
-async def running_node(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
-    """A node in this process with these settings, and a stub connected to it."""
-    node = Node(settings(**overrides))
+async def running_node(
+    tracing: Tracing | None = None, **overrides: object
+) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
+    """A node in this process with these settings (and tracing), and a stub connected to it."""
+    node = Node(settings(**overrides), tracing)
     await node.start()
     try:
         async with grpc.aio.insecure_channel(node.address) as ch:
@@ -79,17 +86,38 @@ class ServerProcess:
         self.lines: list[str] = []
         self.address = ""
         self._ready = threading.Event()
+        self._new_line = threading.Condition()
+        self._ended = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             if not self.address and (m := READY.search(line)):
                 self.address = m.group(1)
                 self._ready.set()
+        with self._new_line:
+            self._ended = True
+            self._new_line.notify_all()
         self._ready.set()  # exited: wake wait_ready
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = START_TIMEOUT_S) -> list[re.Match[str]]:
+        """Wait until `count` lines of the log match `pattern`; their matches."""
+
+        def matches() -> list[re.Match[str]]:
+            return [m for line in self.lines if (m := re.search(pattern, line))]
+
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: len(matches()) >= count or self._ended, timeout):
+                raise TimeoutError(f"no {count} lines matching {pattern!r} in {timeout} s:\n{self.log}")
+            found = matches()
+        if len(found) < count:
+            raise RuntimeError(f"fluxkv-server exited before {count} lines matched {pattern!r}:\n{self.log}")
+        return found[:count]
 
     def wait_ready(self) -> str:
         if not self._ready.wait(START_TIMEOUT_S) or not self.address:
@@ -120,14 +148,15 @@ class ServerProcess:
 
 @contextmanager
 def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:
-    """Start `cmd/fluxkv-server --port 0 ARGS` and wait until it serves."""
+    """Start `cmd/fluxkv-server --port 0 ARGS` and wait until it serves. Its admin
+    port is a free one (FLUX_ADMIN_PORT=0) unless `env` says otherwise."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "FLUX_ADMIN_PORT": "0", **(env or {})},
     )
     server = ServerProcess(proc)
     try:
@@ -181,3 +210,56 @@ async def names() -> AsyncIterator[Names]:
         channel = await connection.channel()
         await channel.queue_delete(n.queue)
         await channel.exchange_delete(n.exchange)
+
+
+# -- the admin port ------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+async def http_get(port: int, target: str, raw: bytes | None = None) -> Answer:
+    """Send one request (GET target, or raw bytes) and read the answer until the server closes."""
+    async with asyncio.timeout(HTTP_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw or f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    if not data:
+        raise ConnectionError("closed without an answer")
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    assert status_line.startswith("HTTP/1.1 "), data[:200]
+    assert int(headers["content-length"]) == len(body)
+    assert headers["connection"] == "close"
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process `pid` listens on (Linux: its socket fds matched against /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -204,7 +204,7 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> No
         ("cdc", "disabled"),
         ("watch", "running"),
         ("etcd", "disabled"),
-        ("pprof", "disabled"),
+        ("admin", "running"),
         ("aof", "disabled"),
     ]
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -305,12 +305,13 @@ async def test_an_exchange_of_another_type_raises_when_entering(names: Names) ->
 class CdcProcess:
     """A fluxkv-cdc child process; its stdout and stderr lines are collected."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: Mapping[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "cmd" / "fluxkv-cdc"), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         self.out: list[bytes] = []
         self.err: list[str] = []
@@ -350,8 +351,10 @@ class CdcProcess:
 
 
 @contextmanager
-def fluxkv_cdc(names: Names, *args: str, url: str = BROKER) -> Iterator[CdcProcess]:
-    process = CdcProcess(["--url", url, "--exchange", names.exchange, "--queue", names.queue, *args])
+def fluxkv_cdc(
+    names: Names, *args: str, url: str = BROKER, env: Mapping[str, str] | None = None
+) -> Iterator[CdcProcess]:
+    process = CdcProcess(["--url", url, "--exchange", names.exchange, "--queue", names.queue, *args], env)
     try:
         yield process
     finally:
@@ -538,3 +541,25 @@ async def test_the_program_survives_a_broker_crash_and_restart(rabbit_broker: Ra
         assert await cdc.exit_status(signal.SIGTERM) == 0
     assert [e["rev"] for e in lines(out)] == list(range(1, 2021))
     await wait_until_queue_holds(0, names.queue, url)
+
+
+async def test_the_program_logs_json_lines_with_flux_log_format(names: Names) -> None:
+    with fluxkv_cdc(names, env={"FLUX_LOG_FORMAT": "json"}) as cdc:
+        await cdc.wait_for_log('"event":"cdc_connected"')
+        assert await cdc.exit_status(signal.SIGTERM) == 0
+    entries = [orjson.loads(line) for line in cdc.err]
+    assert [e.get("event") for e in entries] == ["cdc_connected", "signal", "stopped"]
+    assert all(e["logger"] == "fluxkv.cdc_consumer" and e["level"] == "info" for e in entries)
+    assert entries[-1]["events"] == 0
+
+
+def test_the_program_refuses_an_unknown_log_format(names: Names) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cmd" / "fluxkv-cdc"), "--url", BROKER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FLUX_LOG_FORMAT": "xml"},
+    )
+    assert result.returncode == 2
+    assert "invalid FLUX_LOG_FORMAT: expected one of console, json, got 'xml'" in result.stderr

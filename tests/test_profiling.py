@@ -1,5 +1,5 @@
-"""CPU profiles over HTTP (FLUX_PPROF_ENABLED): the endpoint, py-spy's files,
-one profile at a time, bad requests, and the node's start and stop."""
+"""CPU profiles on the admin port (FLUX_PPROF_ENABLED): the endpoint, py-spy's
+files, one profile at a time, bad requests, and the node's start and stop."""
 
 from __future__ import annotations
 
@@ -11,59 +11,27 @@ import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
 from fluxkv import config, profiling, workers
 from fluxkv.proto import kv_pb2, kv_pb2_grpc
 from fluxkv.server import Node
 
-from .conftest import running_node, server_process
+from .conftest import Answer, http_get, listening_ports, running_node, server_process
 
 PROFILING_ON = re.compile(r"profiling on (http://\S+/debug/pprof/) \(py-spy\)")
+ADMIN_ON = re.compile(r"admin on http://127\.0\.0\.1:(\d+)/")
 TIMEOUT_S = 30
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-
-async def http_get(port: int, target: str, raw: bytes | None = None) -> Answer:
-    """Send one request (GET target, or raw bytes) and read the answer until the server closes."""
-    async with asyncio.timeout(TIMEOUT_S):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(raw or f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    if not data:
-        raise ConnectionError("closed without an answer")
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
-    assert status_line.startswith("HTTP/1.1 "), data[:200]
-    assert int(headers["content-length"]) == len(body)
-    assert headers["connection"] == "close"
-    return Answer(int(status_line.split()[1]), headers, body)
 
 
 @asynccontextmanager
 async def pprof_node() -> AsyncIterator[tuple[Node, int, kv_pb2_grpc.KVStub]]:
-    """A node in this process with profiling on a free port: the node, that port, a stub."""
-    async with running_node(pprof_enabled=True, pprof_port=0) as (node, kv):
-        assert node.pprof is not None
-        yield node, node.pprof.port, kv
+    """A node in this process with profiling on, its admin port a free one: the node, that port, a stub."""
+    async with running_node(pprof_enabled=True) as (node, kv):
+        assert node.admin is not None
+        yield node, node.admin.port, kv
 
 
 async def profile_under_load(port: int, kv: kv_pb2_grpc.KVStub, target: str) -> tuple[Answer, int]:
@@ -78,34 +46,15 @@ async def profile_under_load(port: int, kv: kv_pb2_grpc.KVStub, target: str) -> 
 
 
 async def wait_recording(node: Node) -> None:
-    assert node.pprof is not None
+    assert node.profiler is not None
     async with asyncio.timeout(TIMEOUT_S):
-        while not node.pprof.recording:
+        while not node.profiler.recording:
             await asyncio.sleep(0.01)
 
 
-async def pprof_info(kv: kv_pb2_grpc.KVStub) -> kv_pb2.Subsystem:
+async def admin_info(kv: kv_pb2_grpc.KVStub) -> kv_pb2.Subsystem:
     info = await kv.Info(kv_pb2.InfoRequest(), timeout=TIMEOUT_S)
-    return next(s for s in info.subsystems if s.name == "pprof")
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process `pid` listens on (Linux: its socket fds matched against /proc/net/tcp*)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    return next(s for s in info.subsystems if s.name == "admin")
 
 
 def py_spy_children() -> list[int]:
@@ -137,11 +86,15 @@ def test_invalid_boolean_names_the_setting() -> None:
         config.load({}, {"FLUX_PPROF_ENABLED": "maybe"})
 
 
-@pytest.mark.parametrize(("port", "second_worker_port"), [(6060, 6061), (0, 0)])
-def test_each_worker_profiles_on_its_own_port(port: int, second_worker_port: int) -> None:
-    env = workers.worker_environment(config.Settings(workers=2, pprof_enabled=True, pprof_port=port), 1)
+def test_profiling_needs_the_admin_port() -> None:
+    with pytest.raises(config.ConfigError, match="FLUX_PPROF_ENABLED serves profiles on the admin port, but "):
+        config.load({}, {"FLUX_PPROF_ENABLED": "true", "FLUX_ADMIN_PORT": "off"})
+
+
+def test_each_worker_profiles_on_its_own_admin_port() -> None:
+    env = workers.worker_environment(config.Settings(workers=2, pprof_enabled=True, admin_port=7000), 1)
     worker = config.load({}, env)
-    assert (worker.pprof_enabled, worker.pprof_port) == (True, second_worker_port)
+    assert (worker.pprof_enabled, worker.admin_port) == (True, 7001)
 
 
 # -- the endpoint ------------------------------------------------------------
@@ -155,9 +108,10 @@ async def test_index_lists_the_profile_endpoint_and_info_reports_it() -> None:
             assert answer.headers["content-type"] == "text/plain; charset=utf-8"
             assert "/debug/pprof/profile?seconds=N&format=F" in answer.text
             assert "speedscope" in answer.text and "flamegraph" in answer.text
-        line = await pprof_info(kv)
+        line = await admin_info(kv)
         assert line.state == "running"
-        assert line.detail.startswith(f"http://127.0.0.1:{port}/debug/pprof/ with ")
+        assert line.detail.startswith(f"http://127.0.0.1:{port}/: ")
+        assert "profiles at /debug/pprof/ with " in line.detail
         assert "0 profiles recorded" in line.detail
 
 
@@ -173,7 +127,7 @@ async def test_speedscope_profile_while_the_node_serves() -> None:
         assert {"profiles", "shared"} <= doc.keys()
         assert doc["profiles"] and "frames" in doc["shared"]
         assert writes > 10  # the event loop kept serving while py-spy sampled
-        assert "1 profiles recorded" in (await pprof_info(kv)).detail
+        assert "1 profiles recorded" in (await admin_info(kv)).detail
 
 
 @pytest.mark.parametrize(
@@ -201,9 +155,9 @@ async def test_one_profile_at_a_time() -> None:
         assert second.status == 409
         assert "another profile is being recorded (one at a time)" in second.text
         assert 1 <= int(second.headers["retry-after"]) <= 2
-        assert "one recording now" in (await pprof_info(kv)).detail
+        assert "one recording now" in (await admin_info(kv)).detail
         assert (await first).status == 200
-        assert "1 profiles recorded, 1 refused while another was recording" in (await pprof_info(kv)).detail
+        assert "1 profiles recorded, 1 refused while another was recording" in (await admin_info(kv)).detail
 
 
 @pytest.mark.parametrize(
@@ -225,14 +179,14 @@ async def test_bad_parameters_answer_400(query: str, message: str) -> None:
         answer = await http_get(port, f"/debug/pprof/profile?{query}")
         assert answer.status == 400
         assert message in answer.text
-        assert node.pprof is not None and node.pprof.profiles == 0
+        assert node.profiler is not None and node.profiler.profiles == 0
 
 
 @pytest.mark.parametrize(
     ("request_bytes", "status", "message"),
     [
-        (b"GET /debug/pprof/heap HTTP/1.1\r\n\r\n", 404, "no page at /debug/pprof/heap; see /debug/pprof/"),
-        (b"GET / HTTP/1.0\r\n\r\n", 404, "no page at /"),
+        (b"GET /debug/pprof/heap HTTP/1.1\r\n\r\n", 404, "no page at /debug/pprof/heap; see /"),
+        (b"GET /debug HTTP/1.0\r\n\r\n", 404, "no page at /debug; see /"),
         (b"POST /debug/pprof/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "POST is not supported; use GET"),
         (b"GET /debug/pprof/\r\n\r\n", 400, "not an HTTP/1.x request line"),
         (b"GET /debug/pprof/ HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed header line"),
@@ -265,7 +219,7 @@ async def test_py_spy_failure_answers_500_with_its_error(monkeypatch: pytest.Mon
         answer = await http_get(port, "/debug/pprof/profile?seconds=1")
         assert answer.status == 500
         assert answer.text == "py-spy failed (exit status 1): Error: Permission Denied\n"
-        assert node.pprof is not None and not node.pprof.recording
+        assert node.profiler is not None and not node.profiler.recording
 
 
 # -- start and stop ----------------------------------------------------------
@@ -276,8 +230,8 @@ async def test_stop_ends_a_profile_in_progress() -> None:
         request = asyncio.create_task(http_get(port, "/debug/pprof/profile?seconds=300"))
         await wait_recording(node)
         assert py_spy_children()
-        assert node.pprof is not None
-        await node.pprof.stop()  # as Node.stop does
+        assert node.admin is not None
+        await node.admin.stop()  # as Node.stop does
         with pytest.raises(ConnectionError):  # closed without an answer
             await request
         assert not py_spy_children()
@@ -290,32 +244,33 @@ async def test_a_taken_port_stops_the_start() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        node = Node(config.Settings(port=0, pprof_enabled=True, pprof_port=port))
-        with pytest.raises(OSError, match=f"cannot listen for profiles on 127.0.0.1:{port}"):
+        node = Node(config.Settings(port=0, pprof_enabled=True, admin_port=port))
+        with pytest.raises(OSError, match=f"cannot listen for the admin port on 127.0.0.1:{port}"):
             await node.start()
-    # gRPC stopped serving too.
-    async with grpc.aio.insecure_channel(node.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=2)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not node.address  # the admin port is taken first: gRPC never listened
 
 
-def test_disabled_by_default_opens_no_port() -> None:
+def test_disabled_by_default() -> None:
     with server_process() as server:
+        match = ADMIN_ON.search(server.log)
+        assert match, server.log
+        admin_port = int(match.group(1))
         grpc_port = int(server.address.rsplit(":", 1)[1])
-        assert listening_ports(server.proc.pid) == {grpc_port}
+        assert listening_ports(server.proc.pid) == {grpc_port, admin_port}
         assert "profiling on" not in server.log
+        answer = asyncio.run(http_get(admin_port, "/debug/pprof/"))
+        assert answer.status == 404
         assert server.stop() == 0
 
 
 def test_server_process_profiles_itself() -> None:
-    with server_process(env={"FLUX_PPROF_ENABLED": "yes", "FLUX_PPROF_PORT": "0"}) as server:
+    with server_process(env={"FLUX_PPROF_ENABLED": "yes"}) as server:
         match = PROFILING_ON.search(server.log)
         assert match, server.log
         url = match.group(1)
-        pprof_port = int(url.rsplit(":", 1)[1].split("/")[0])
+        admin_port = int(url.rsplit(":", 1)[1].split("/")[0])
         grpc_port = int(server.address.rsplit(":", 1)[1])
-        assert listening_ports(server.proc.pid) == {grpc_port, pprof_port}
+        assert listening_ports(server.proc.pid) == {grpc_port, admin_port}
         with urllib.request.urlopen(url + "profile?seconds=1", timeout=TIMEOUT_S) as answer:
             assert answer.headers["Content-Type"] == "application/json"
             assert {"profiles", "shared"} <= json.load(answer).keys()

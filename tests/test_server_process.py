@@ -122,7 +122,7 @@ def test_port_in_use_is_a_clear_error() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_server("--port", str(port), env=_base_env())
+        result = run_server("--port", str(port), env={**_base_env(), "FLUX_ADMIN_PORT": "0"})
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ import pytest
 from fluxkv import grpc_transport
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.errors import ErrorKind, KVError
+from fluxkv.metrics import RequestMetrics
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 from fluxkv.server import Node
@@ -277,6 +278,8 @@ def test_transport_refuses_a_handler_of_the_wrong_kind() -> None:
 
     methods = {name: unary for name in ("Get", "Set", "Delete", "MultiGet", "MultiSet", "Scan", "Info", "RewriteAof")}
     with pytest.raises(ValueError, match="Watch: the proto's method needs a function returning an async generator"):
-        grpc_transport._method_handlers("fluxkv.v1.KV", {**methods, "Watch": unary})
+        grpc_transport._method_handlers("fluxkv.v1.KV", {**methods, "Watch": unary}, RequestMetrics(), None)
     with pytest.raises(ValueError, match="Get: the proto's method needs an async function"):
-        grpc_transport._method_handlers("fluxkv.v1.KV", {**methods, "Get": stream, "Watch": stream})
+        grpc_transport._method_handlers(
+            "fluxkv.v1.KV", {**methods, "Get": stream, "Watch": stream}, RequestMetrics(), None
+        )

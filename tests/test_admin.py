@@ -1,0 +1,158 @@
+"""The admin HTTP port (FLUX_ADMIN_PORT): its pages, liveness and readiness
+through start-up and shutdown (with etcd too), `off`, and the workers' ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+
+from fluxkv import config, workers
+from fluxkv.private_servers import EtcdServer
+from fluxkv.proto import kv_pb2 as pb
+
+from .conftest import http_get, listening_ports, running_node, server_process
+
+ADMIN_ON = r"admin on http://127\.0\.0\.1:(\d+)/"
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- settings ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "port"),
+    [
+        ({}, 6060),
+        ({"FLUX_ADMIN_PORT": "0"}, 0),
+        ({"FLUX_ADMIN_PORT": "OFF"}, None),
+        ({"FLUX_PPROF_PORT": "7070"}, 7070),  # Flux-KV's name
+        ({"FLUX_ADMIN_PORT": "8080", "FLUX_PPROF_PORT": "7070"}, 8080),
+    ],
+)
+def test_admin_port_setting(env: dict[str, str], port: int | None) -> None:
+    assert config.load({}, env).admin_port == port
+    assert config.unknown_variables(env) == []
+
+
+def test_bad_admin_port_names_the_variable_it_came_from() -> None:
+    with pytest.raises(config.ConfigError, match="invalid FLUX_PPROF_PORT: expected a port from 0 to 65535 or off"):
+        config.load({}, {"FLUX_PPROF_PORT": "pprof"})
+
+
+@pytest.mark.parametrize(("port", "second"), [(6060, 6061), (0, 0), (None, None)])
+def test_worker_i_serves_admin_port_plus_i(port: int | None, second: int | None) -> None:
+    env = workers.worker_environment(config.Settings(workers=2, admin_port=port), 1)
+    assert config.load({}, env).admin_port == second
+
+
+# -- pages -------------------------------------------------------------------
+
+
+async def test_index_health_and_unknown_pages() -> None:
+    async with running_node() as (node, _):
+        assert node.admin is not None
+        port = node.admin.port
+        index = await http_get(port, "/")
+        assert index.status == 200
+        for page in ("/metrics", "/healthz", "/readyz"):
+            assert page in index.text
+        assert "/debug/pprof/" not in index.text  # profiling is off by default
+        health = await http_get(port, "/healthz")
+        assert (health.status, health.text) == (200, "ok\n")
+        ready = await http_get(port, "/readyz")
+        assert (ready.status, ready.text) == (200, f"ready: serving on {node.address}\n")
+        missing = await http_get(port, "/debug/pprof/")
+        assert missing.status == 404 and "no page at /debug/pprof/; see /" in missing.text
+
+
+async def test_not_ready_from_the_start_of_shutdown_while_calls_drain() -> None:
+    # A broker that cannot be reached and a CDC queue that one MultiSet fills: the
+    # next write waits for room, an in-flight call that holds the shutdown back.
+    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    overrides = {
+        "rabbitmq_url": broker,
+        "cdc_queue_events": 1000,
+        "cdc_block_timeout_ms": 60_000,
+        "cdc_flush_timeout_s": 0.1,
+        "shutdown_grace_s": 60.0,
+    }
+    async with running_node(**overrides) as (node, kv):
+        assert node.admin is not None
+        port = node.admin.port
+        await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(1000)]))
+        blocked = kv.Set(pb.SetRequest(key="late", value=b"v"), timeout=60)
+        assert node.cdc is not None
+        async with asyncio.timeout(30):  # the node counts the write that waits; nothing announces it
+            while node.cdc.counters().writes_delayed == 0:
+                await asyncio.sleep(0.01)
+        assert (await http_get(port, "/readyz")).status == 200
+        stopping = asyncio.create_task(node.stop())  # runs before the admin server sees the next request
+        ready = await http_get(port, "/readyz")
+        assert (ready.status, ready.text) == (503, "not ready: shutting down\n")
+        assert (await http_get(port, "/healthz")).status == 200  # alive: still draining
+        assert not stopping.done()
+        blocked.cancel()
+        assert await blocked.code() == grpc.StatusCode.CANCELLED
+        await asyncio.wait_for(stopping, 30)
+        with pytest.raises(OSError):
+            await http_get(port, "/healthz")
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def test_ready_only_once_registered_in_etcd() -> None:
+    etcd = EtcdServer()  # not started yet: the node starts unregistered
+    try:
+        env = {"FLUX_ETCD_ENDPOINTS": etcd.endpoint, "FLUX_ETCD_TIMEOUT_S": "1", "FLUX_ETCD_LEASE_TTL_S": "2"}
+        with server_process(env=env) as node:
+            port = int(node.wait_for(ADMIN_ON)[0].group(1))
+            assert asyncio.run(http_get(port, "/healthz")).status == 200
+            ready = asyncio.run(http_get(port, "/readyz"))
+            assert ready.status == 503
+            assert ready.text == "not ready: not registered in etcd (unregistered); retrying\n"
+            etcd.start()
+            node.wait_for("registered in etcd as")
+            assert asyncio.run(http_get(port, "/readyz")).status == 200
+            assert node.stop() == 0
+            assert "deregistered from etcd" in node.log
+    finally:
+        etcd.close()
+
+
+def test_off_opens_no_admin_port() -> None:
+    with server_process(env={"FLUX_ADMIN_PORT": "off"}) as server:
+        grpc_port = int(server.address.rsplit(":", 1)[1])
+        assert listening_ports(server.proc.pid) == {grpc_port}
+        assert "admin on" not in server.log
+        with grpc.insecure_channel(server.address) as channel:
+            info = pb.InfoResponse.FromString(
+                channel.unary_unary("/fluxkv.v1.KV/Info")(pb.InfoRequest().SerializeToString(), timeout=10)
+            )
+        admin = next(s for s in info.subsystems if s.name == "admin")
+        assert (admin.state, admin.detail) == (
+            "disabled",
+            "FLUX_ADMIN_PORT is off: no metrics, health, readiness or profiling endpoint",
+        )
+        assert server.stop() == 0
+
+
+def test_each_worker_serves_its_own_admin_port() -> None:
+    with server_process("--workers", "2") as parent:
+        ports = {int(m.group(1)) for m in parent.wait_for(ADMIN_ON, count=2)}
+        assert len(ports) == 2
+        for port in ports:
+            assert asyncio.run(http_get(port, "/healthz")).status == 200
+            parent.wait_for("serving on", count=2)
+            assert asyncio.run(http_get(port, "/readyz")).status == 200
+        assert parent.stop() == 0
