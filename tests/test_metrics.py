@@ -161,3 +161,21 @@ def test_exposition_escapes_labels_and_help() -> None:
         ("inf", math.inf),
         ("big", 2**53),
     ]
+
+
+async def test_append_only_file(tmp_path: object) -> None:
+    path = f"{tmp_path}/node.aof"
+    async with running_node(aof_filename=path, aof_append_fsync="always") as (node, kv):
+        for i in range(20):
+            await kv.Set(pb.SetRequest(key=f"k{i}", value=b"v"))
+        await kv.RewriteAof(pb.RewriteAofRequest())
+        samples = await scrape(node)
+        assert value(samples, "fluxkv_aof_state", state="ok") == 1
+        assert value(samples, "fluxkv_aof_state", state="failed") == 0
+        assert value(samples, "fluxkv_aof_records_written_total") == 20
+        assert value(samples, "fluxkv_aof_fsyncs_total") == value(samples, "fluxkv_aof_batches_written_total") >= 1
+        assert value(samples, "fluxkv_aof_durable_revision") == 20
+        assert value(samples, "fluxkv_aof_rewrites_total") == 1
+        assert value(samples, "fluxkv_aof_size_bytes") == (await kv.Info(pb.InfoRequest())).aof.size_bytes
+    async with running_node() as (node, _):
+        assert not any(name.startswith("fluxkv_aof_") for name, _ in await scrape(node))
