@@ -175,15 +175,7 @@ class Store:
                 return refused
             expires_at = now + ttl_ms if ttl_ms else 0
             revision = self._commit(index, Op.SET, key, value, expires_at, now)
-            shard.data[key] = Entry(value, revision, expires_at)
-            if old is None:
-                shard.nbytes += len(kb) + len(value)
-            else:
-                shard.nbytes += len(value) - len(old.value)
-                if old.expires_at_ms:
-                    shard.stale += 1
-            if expires_at:
-                heapq.heappush(shard.deadlines, (expires_at, key))
+            self._put(shard, key, kb, Entry(value, revision, expires_at), old)
             return Outcome(True, revision, old is not None)
 
     def delete(self, key: str, expect_revision: int | None = None) -> Outcome:
@@ -215,16 +207,7 @@ class Store:
         kb = key.encode()
         shard = self._shards[zlib.crc32(kb) & 0xFF]
         with shard.lock:
-            old = shard.data.get(key)
-            shard.data[key] = Entry(value, mod_revision, expires_at_ms)
-            if old is None:
-                shard.nbytes += len(kb) + len(value)
-            else:
-                shard.nbytes += len(value) - len(old.value)
-                if old.expires_at_ms:
-                    shard.stale += 1
-            if expires_at_ms:
-                heapq.heappush(shard.deadlines, (expires_at_ms, key))
+            self._put(shard, key, kb, Entry(value, mod_revision, expires_at_ms), shard.data.get(key))
 
     def unload(self, key: str) -> None:
         """Remove a key as the append-only file recorded it (replay only)."""
@@ -363,6 +346,19 @@ class Store:
         self._commit(index, Op.EXPIRE, key, None, 0, now)
         self._remove(shard, key, key.encode(), entry)
         shard.expired += 1
+
+    @staticmethod
+    def _put(shard: _Shard, key: str, kb: bytes, entry: Entry, old: Entry | None) -> None:
+        """Store `entry` in place of `old` (None: the key is new)."""
+        shard.data[key] = entry
+        if old is None:
+            shard.nbytes += len(kb) + len(entry.value)
+        else:
+            shard.nbytes += len(entry.value) - len(old.value)
+            if old.expires_at_ms:
+                shard.stale += 1
+        if entry.expires_at_ms:
+            heapq.heappush(shard.deadlines, (entry.expires_at_ms, key))
 
     @staticmethod
     def _remove(shard: _Shard, key: str, kb: bytes, entry: Entry) -> None:
