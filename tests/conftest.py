@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +264,19 @@ def listening_ports(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+async def eventually(condition: Callable[[], object], what: str, wait_s: float = 20.0) -> None:
+    """Poll a condition that no event announces to the test (etcd state, a
+    lease expiring, a file another process writes), every 50 ms, for at most
+    wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {wait_s} s: {what}")
+        await asyncio.sleep(0.05)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -27,7 +27,7 @@ from fluxkv.proto import compat_kv_pb2 as compat_pb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 
-from .conftest import ROOT, server_process
+from .conftest import ROOT, eventually, server_process
 
 TTL_S = 2
 WAIT_S = 20.0
@@ -58,21 +58,6 @@ def cluster_env(etcd_server: EtcdServer, prefix: str, **extra: str) -> dict[str,
 async def registered(etcd: EtcdClient, prefix: str) -> dict[str, str]:
     pairs, _ = await etcd.get_prefix(prefix)
     return dict(pairs)
-
-
-async def eventually(condition: Callable[[], object], what: str) -> None:
-    """Poll a condition that no event announces to this test (etcd state, a
-    lease expiring), every 50 ms, for at most WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT_S} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_node_registers_its_address_under_the_prefix(

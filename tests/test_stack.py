@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from deploy import native_stack
 from fluxkv import Client, EtcdNodes, config
 from fluxkv.etcd_client import EtcdClient
 
-from .conftest import ROOT
+from .conftest import ROOT, eventually
 
 NATIVE_STACK = ROOT / "deploy" / "native_stack.py"
 ENV_FILE = ROOT / "deploy" / ".env.example"
@@ -120,20 +120,6 @@ def processes_marked(mark: str) -> list[int]:
     return found
 
 
-async def eventually(condition: Callable[[], Any], what: str) -> None:
-    """Poll a condition that no event announces to this test (etcd state, a file another process writes)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT_S} s: {what}")
-        await asyncio.sleep(0.05)
-
-
 def events(path: Path) -> list[dict[str, Any]]:
     text = path.read_text() if path.exists() else ""
     return [json.loads(line) for line in text.splitlines()]
@@ -157,7 +143,7 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
                 pairs, _ = await client.get_prefix(config.Settings.etcd_prefix)
                 return {address for _, address in pairs} == nodes
 
-            await eventually(all_registered, "all three nodes register in etcd")
+            await eventually(all_registered, "all three nodes register in etcd", wait_s=WAIT_S)
 
         key, value = f"stack:{uuid.uuid4().hex[:8]}", b"written through the SDK"
         async with EtcdNodes([etcd]) as source, Client(source, timeout=10) as sdk:
@@ -173,6 +159,7 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
                 e for e in events(output) if e["key"] == key and e["op"] == "set" and e["value"] == value.decode()
             ],
             "the consumer writes the change event",
+            wait_s=WAIT_S,
         )
 
         pids = [service["pid"] for service in services.values() if service["pid"] is not None]
