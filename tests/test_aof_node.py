@@ -178,7 +178,8 @@ async def test_a_clean_restart_resumes_cdc_after_the_checkpoint(tmp_path: Path, 
 
 async def test_rewrite_on_demand_from_the_command_line_and_by_size(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
-    async with running_node(aof_filename=str(path), aof_rewrite_percent=0) as (node, kv):
+    # always: every acknowledged write is in the file, so Info's size is the CLI's "before".
+    async with running_node(aof_filename=str(path), aof_append_fsync="always", aof_rewrite_percent=0) as (node, kv):
         for _ in range(10):
             items = [pb.SetRequest(key=f"k{i}", value=b"x" * 50) for i in range(500)]
             await kv.MultiSet(pb.MultiSetRequest(items=items))
