@@ -40,7 +40,7 @@ import orjson
 
 from fluxkv import aof_format, aof_rewrite
 from fluxkv.aof_format import AofCorrupt, Header, Snapshot, Torn
-from fluxkv.changes import ChangeRecord, Op
+from fluxkv.changes import ChangeRecord, Op, record_bytes
 from fluxkv.errors import ErrorKind, KVError
 from fluxkv.metrics import Family, counter, gauge, states
 from fluxkv.store import Store, wall_clock_ms
@@ -310,8 +310,7 @@ class AppendOnlyFile:
 
     def append(self, record: ChangeRecord) -> None:
         self._pending.append(record)
-        value = record.value
-        self._appended_bytes += len(record.key) + (len(value) if value is not None else 0)
+        self._appended_bytes += record_bytes(record)
         self._last_appended = record.revision
         if not self._wake.is_set():
             self._wake.set()
@@ -394,7 +393,7 @@ class AppendOnlyFile:
                 if record.revision > until or size >= max_bytes:
                     break
                 records.append(record)
-                size += len(record.key) + (len(record.value) if record.value is not None else 0)
+                size += record_bytes(record)
                 offset = record_offset + record_size
         self._read_cursor = (generation, offset, records[-1].revision if records else after)
         return records
@@ -565,7 +564,7 @@ class AppendOnlyFile:
         encode = aof_format.encode_change
         data = self._retry_data + b"".join([encode(r) for r in records])
         last = records[-1].revision if records else self._retry_rev
-        self._taken_bytes += sum(len(r.key) + (len(r.value) if r.value is not None else 0) for r in records)
+        self._taken_bytes += sum(map(record_bytes, records))
         with self._io_lock:
             try:
                 _write_all(self._fd, data)

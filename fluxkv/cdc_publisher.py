@@ -41,7 +41,8 @@ from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from fluxkv import cdc_events
 from fluxkv.aof import AppendOnlyFile
-from fluxkv.cdc_queue import CdcQueue, record_bytes
+from fluxkv.cdc_queue import CdcQueue
+from fluxkv.changes import record_bytes
 from fluxkv.config import Settings, redact_url
 from fluxkv.metrics import Family, counter, gauge, states
 from fluxkv.tracing import Tracing

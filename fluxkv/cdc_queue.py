@@ -22,13 +22,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from fluxkv.changes import ChangeRecord
+from fluxkv.changes import ChangeRecord, record_bytes
 from fluxkv.errors import ErrorKind, KVError
-
-
-def record_bytes(record: ChangeRecord) -> int:
-    """What a record counts against FLUX_CDC_QUEUE_BYTES: its key and value."""
-    return len(record.key) + (len(record.value) if record.value is not None else 0)
 
 
 class CdcQueue:

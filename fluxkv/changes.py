@@ -31,5 +31,11 @@ class ChangeRecord(NamedTuple):
     shard: int
 
 
+def record_bytes(record: ChangeRecord) -> int:
+    """What a record counts against the bounds of the sinks that hold records
+    (FLUX_CDC_QUEUE_BYTES, FLUX_AOF_BUFFER_BYTES): its key and value."""
+    return len(record.key) + (len(record.value) if record.value is not None else 0)
+
+
 class ChangeSink(Protocol):
     def append(self, record: ChangeRecord) -> None: ...
