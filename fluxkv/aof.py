@@ -4,7 +4,7 @@ AppendOnlyFile is a change sink. append() only links the record into a deque;
 a writer thread takes what has accumulated, encodes it (aof_format), writes it
 with one write() and, by FLUX_AOF_APPEND_FSYNC, fsyncs it (group commit):
 - always: every batch is fsynced, and a write is acknowledged only once the
-  batch holding it is (handlers await durable());
+  batch holding it is (handlers await acknowledged());
 - everysec: batches are written at once and fsynced at most a second later;
 - no: batches are written at once and the OS decides when they reach the disk.
 
@@ -47,7 +47,6 @@ from fluxkv.store import Store, wall_clock_ms
 
 log = logging.getLogger("fluxkv.aof")
 
-FSYNC_POLICIES = ("always", "everysec", "no")
 # A failed write is tried again this often; the node refuses writes meanwhile.
 RETRY_INTERVAL_S = 1.0
 # The checkpoint file is rewritten at most this often (and at shutdown).
@@ -124,7 +123,7 @@ def replay(path: str, store: Store, now_ms: int | None = None) -> ReplayResult |
             torn.reason,
         )
         os.truncate(path, torn.offset)
-        _fsync_file(path)
+        aof_format.fsync_file(path)
         end = torn.offset
     if header is None:  # torn inside its header: the file never held a change
         os.unlink(path)
@@ -275,12 +274,7 @@ class AppendOnlyFile:
         if result is None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             header = aof_format.encode_header(Header(self.store.epoch, 0, wall_clock_ms()))
-            with open(self.path + ".new", "wb") as f:
-                f.write(header)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(self.path + ".new", self.path)
-            aof_format.fsync_dir(self.path)
+            aof_format.replace_file(self.path, header)
             size = tail = len(header)
         else:
             size, tail = result.size, result.tail_offset
@@ -659,14 +653,9 @@ class AppendOnlyFile:
 
     def _write_checkpoint(self, revision: int) -> None:
         """Atomically replace the checkpoint file (a crash leaves the old or the new one)."""
-        temporary = self.checkpoint_path + ".tmp"
+        data = orjson.dumps({"epoch": self.store.epoch, "confirmed_revision": revision}) + b"\n"
         try:
-            with open(temporary, "wb") as f:
-                f.write(orjson.dumps({"epoch": self.store.epoch, "confirmed_revision": revision}) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.checkpoint_path)
-            aof_format.fsync_dir(self.checkpoint_path)
+            aof_format.replace_file(self.checkpoint_path, data)
         except OSError as exc:
             log.error("cannot write the CDC checkpoint %s (%s); trying again later", self.checkpoint_path, exc)
             return
@@ -697,8 +686,8 @@ class AppendOnlyFile:
         with self._io_lock:
             if self._rewrite_thread is not None:
                 return
-            done: asyncio.Future[None] = loop.create_future() if _on_loop(loop) else asyncio.Future(loop=loop)
-            self._rewrite_done = done
+            # Created on the event loop or the writer thread: bound to the loop either way.
+            self._rewrite_done = asyncio.Future(loop=loop)
             self._rewrite_thread = threading.Thread(target=self._run_rewrite, name="fluxkv-aof-rewrite", daemon=True)
         self._rewrite_thread.start()
 
@@ -781,13 +770,6 @@ class AppendOnlyFile:
         return self._io_lock
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
     if future.done():
         return
@@ -802,14 +784,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_if_present(path: str) -> None:

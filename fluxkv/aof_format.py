@@ -213,6 +213,27 @@ def _zeros_to_end(f: BinaryIO, offset: int, size: int) -> bool:
         f.seek(here)
 
 
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Put `data` at `path` atomically and durably: a crash leaves the old
+    file or the new one (a temporary file, fsynced, renamed over `path`, and
+    the directory fsynced)."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    fsync_dir(path)
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename or a new file in `path`'s directory durable."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -278,9 +299,5 @@ def repair(path: str) -> tuple[CheckResult, str | None]:
         dst.flush()
         os.fsync(dst.fileno())
     os.truncate(path, result.good_size)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
     return result, backup
