@@ -249,10 +249,10 @@ class AppendOnlyFile:
         self.cdc_checkpoint = 0
         self._checkpoint_written_at = 0.0
         self._read_cursor = (-1, 0, 0)  # generation, offset, last revision read before it
-        # The event loop's view, updated after each batch.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.written_revision = 0
-        self.durable_revision = 0
+        # The CDC publisher's view of what it may publish, changed only on the
+        # event loop (by _progress), so that want_progress() compares against
+        # what the publisher saw.
         self.cdc_safe_revision = 0
         self.writes_delayed = 0
         self._durable_waiters = _Waiters()
@@ -283,7 +283,7 @@ class AppendOnlyFile:
         self._tail_offset = tail
         revision = self.store.revision
         self._written_rev = self._durable_rev = self._last_appended = revision
-        self.written_revision = self.durable_revision = self.cdc_safe_revision = revision
+        self.cdc_safe_revision = revision
         self.cdc_enabled = cdc
         if cdc:
             checkpoint = self._read_checkpoint()
@@ -325,8 +325,8 @@ class AppendOnlyFile:
         is acknowledged: always with fsync "always", else while the writer is
         more than FLUX_AOF_BUFFER_BYTES behind."""
         if self.fsync_policy == "always":
-            return revision > self.durable_revision
-        return self._appended_bytes - self._taken_bytes > self._buffer_bytes and revision > self.written_revision
+            return revision > self._durable_rev
+        return self._appended_bytes - self._taken_bytes > self._buffer_bytes and revision > self._written_rev
 
     async def acknowledged(self, revision: int) -> None:
         """Return once the write at `revision` may be acknowledged (see must_wait)."""
@@ -611,20 +611,19 @@ class AppendOnlyFile:
     def _notify(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._progress, self._written_rev, self._durable_rev, self.state, self.error)
+            loop.call_soon_threadsafe(self._progress)
 
-    def _progress(self, written: int, durable: int, state: str, error: str) -> None:
-        """On the event loop: publish the writer's progress."""
+    def _progress(self) -> None:
+        """On the event loop: publish the writer's progress (as it is now)."""
         self._wants_progress = False
         self._cdc_wants_past = -1
-        self.written_revision = written
-        self.durable_revision = durable
+        written, durable = self._written_rev, self._durable_rev
         self.cdc_safe_revision = written if self.fsync_policy == "no" else durable
-        if state != "ok":
+        if self.state != "ok":
             failure = KVError(
                 ErrorKind.UNAVAILABLE,
                 f"the write was applied in memory, but the append-only file {self.path} cannot be written "
-                f"({error}), so it is not durable; writes are refused until the file can be written",
+                f"({self.error}), so it is not durable; writes are refused until the file can be written",
             )
             self._durable_waiters.fail(failure)
             self._written_waiters.fail(failure)
