@@ -373,10 +373,7 @@ class CdcPublisher:
             raise RuntimeError(f"the append-only file lacks revision {self._next}, which CDC must publish")
         node, epoch = self._node, self._epoch
         parts = [cdc_events.encode_event(record, node, epoch) for record in records]
-        first, last = records[0].revision, records[-1].revision
-        self._next = last + 1
-        links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
-        return _Batch(first, last, len(parts), 0, cdc_events.join_events(parts), links, held=False)
+        return self._batch(records[0].revision, records[-1].revision, parts, 0, held=False)
 
     def _next_batch(self) -> _Batch:
         """Take pending records until their JSON reaches the batch size (with
@@ -399,9 +396,13 @@ class CdcPublisher:
             last = record.revision
             if not first:
                 first = last
+        return self._batch(first, last, parts, nbytes, held=True)
+
+    def _batch(self, first: int, last: int, parts: list[bytes], nbytes: int, held: bool) -> _Batch:
+        """The batch of events first..last (encoded in `parts`); publish after it next."""
         self._next = last + 1
         links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
-        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts), links)
+        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts), links, held)
 
     def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
         if again:
