@@ -31,10 +31,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import orjson
 
@@ -377,10 +377,7 @@ class AppendOnlyFile:
         size = 0
         offset = start
         with f:
-            for item in aof_format.read_records(f, self.path, start, end):
-                if isinstance(item, Torn):
-                    raise AofCorrupt(self.path, item.offset, f"a written record reads as torn: {item.reason}")
-                record_offset, record_size, record = item
+            for record_offset, record_size, record in self._written_records(f, start, end):
                 if not isinstance(record, ChangeRecord) or record.revision <= after:
                     offset = record_offset + record_size
                     continue
@@ -391,6 +388,15 @@ class AppendOnlyFile:
                 offset = record_offset + record_size
         self._read_cursor = (generation, offset, records[-1].revision if records else after)
         return records
+
+    def _written_records(
+        self, f: BinaryIO, start: int, end: int
+    ) -> Iterator[tuple[int, int, ChangeRecord | Snapshot | Header]]:
+        """The records of f[start:end], all written by this writer: a torn one is corruption."""
+        for item in aof_format.read_records(f, self.path, start, end):
+            if isinstance(item, Torn):
+                raise AofCorrupt(self.path, item.offset, f"a written record reads as torn: {item.reason}")
+            yield item
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -735,10 +741,7 @@ class AppendOnlyFile:
         base = self.cdc_checkpoint
         start = end
         with open(self.path, "rb") as f:
-            for item in aof_format.read_records(f, self.path, tail, end):
-                if isinstance(item, Torn):
-                    raise AofCorrupt(self.path, item.offset, f"a written record reads as torn: {item.reason}")
-                offset, _, record = item
+            for offset, _, record in self._written_records(f, tail, end):
                 if isinstance(record, ChangeRecord) and record.revision > base:
                     start = offset
                     break

@@ -279,6 +279,34 @@ async def test_a_rewrite_under_concurrent_writes_keeps_every_key(tmp_path: Path)
     assert not Path(str(path) + ".rewrite").exists()
 
 
+async def test_a_rewrite_keeps_every_change_after_the_cdc_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "node.aof"
+    aof = AppendOnlyFile(AofSettings(str(path), "always", 1 << 40, 0, 64 << 20), Store())
+    aof.open(cdc=True)
+    aof.store.attach_sink(aof)
+    aof.start()
+    for i in range(100):
+        aof.store.set(f"k{i % 10}", f"v{i}".encode())
+    aof.cdc_confirmed(40)
+    await aof.sync()
+    await aof.close()
+    aof = AppendOnlyFile(AofSettings(str(path), "always", 1 << 40, 0, 64 << 20), Store())
+    aof.open(cdc=True)
+    assert aof.cdc_checkpoint == 40
+    aof.store.attach_sink(aof)
+    aof.start()
+    await aof.request_rewrite()
+    after = aof.read_changes(40, 100, 1 << 20)
+    await aof.close()
+    assert [(r.revision, r.key, r.value) for r in after] == [
+        (i + 1, f"k{i % 10}", f"v{i}".encode()) for i in range(40, 100)
+    ]
+    restored = Store()
+    result = replay(str(path), restored)
+    assert result is not None and result.records == 10 + 60  # the snapshot, then the changes after 40
+    assert contents(restored) == contents(aof.store)
+
+
 # The child process: fills an AOF, rewrites it with writes in the middle of the
 # rewrite, and dies by SIGKILL right after the step named in argv[2],
 # printing (on stdout) the store's contents as they were then.
