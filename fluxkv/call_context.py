@@ -4,6 +4,7 @@ transport sets `current` for each call; outside a call there is none."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Protocol
@@ -20,11 +21,16 @@ class Call(Protocol):
 
 current: ContextVar[Call | None] = ContextVar("current_call", default=None)
 
+# What pygrpc-native (as grpcio's sync server) reports for a call without a
+# deadline, where grpc.aio reports None.
+_NO_DEADLINE_S = float(sys.maxsize)
+
 
 def time_remaining() -> float | None:
     """Seconds left before the current call's deadline; None when it has none."""
     call = current.get()
-    return call.time_remaining() if call is not None else None
+    remaining = call.time_remaining() if call is not None else None
+    return None if remaining is None or remaining >= _NO_DEADLINE_S else remaining
 
 
 def forwarded() -> bool:

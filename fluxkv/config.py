@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 50052
+    grpc_server: str = "native"
     node_id: str = ""
     max_key_bytes: int = 4 * KIB
     max_value_bytes: int = 1 * MIB
@@ -194,6 +195,12 @@ def _host(text: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "FLUX_SERVER_HOST", "Address to listen on; 0.0.0.0 to accept connections from other hosts.", _host),
     Setting("port", "FLUX_SERVER_PORT", "gRPC port to listen on; 0 picks a free port.", _int(0, 65535)),
+    Setting(
+        "grpc_server",
+        "FLUX_GRPC_SERVER",
+        "gRPC server: native (pygrpc-native: HTTP/2 in Rust, handlers in Python) or grpcio (grpc.aio).",
+        _choice("native", "grpcio"),
+    ),
     Setting(
         "node_id", "FLUX_NODE_ID", "This node's id in Info and change records; empty means <hostname>:<port>.", _text
     ),

@@ -1,6 +1,9 @@
-"""The grpcio (asyncio) transport: serves the handlers' plain async functions
-(and, for server-streaming methods, functions returning async generators),
-the standard health service and server reflection.
+"""The gRPC transport: serves the handlers' plain async functions (and, for
+server-streaming methods, functions returning async generators), the standard
+health service and server reflection, on one of two servers with grpcio's
+asyncio API: pygrpc-native (HTTP/2 and gRPC framing in Rust, outside the GIL;
+reflection's bidirectional stream goes to a grpc.aio server it runs behind
+itself) or grpc.aio.
 
 Request and response types come from the services' descriptors; each
 KVError kind maps to its status code here and nowhere else. Each call is
@@ -20,6 +23,8 @@ from time import perf_counter
 from typing import Any, cast
 
 import grpc
+import pygrpc_native
+import pygrpc_native.aio
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,8 +54,13 @@ STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
 }
 
 
+SERVERS = {"native": pygrpc_native.aio.server, "grpcio": grpc.aio.server}
+VERSIONS = {"native": f"pygrpc-native {pygrpc_native.__version__}", "grpcio": f"grpcio {grpc.__version__}"}
+
+
 class GrpcTransport:
-    """One grpc.aio server for a set of services: {"pkg.Service": {"Method": handler}}."""
+    """One gRPC server (`server`: a key of SERVERS) for a set of services:
+    {"pkg.Service": {"Method": handler}}."""
 
     def __init__(
         self,
@@ -58,8 +68,11 @@ class GrpcTransport:
         max_message_bytes: int,
         metrics: RequestMetrics,
         tracing: Tracing | None = None,
+        server: str = "native",
     ) -> None:
-        self._server = grpc.aio.server(
+        self.server = server
+        self.version = VERSIONS[server]
+        self._server = SERVERS[server](
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

@@ -137,6 +137,7 @@ class Node:
             settings.max_message_bytes,
             requests,
             tracing,
+            settings.grpc_server,
         )
 
     @property
@@ -183,10 +184,11 @@ class Node:
         self._started = time.monotonic()
         self._started_at = time.time()
         log.info(
-            "fluxkv %s node %s serving on %s (%s, %s, %s)",
+            "fluxkv %s node %s serving on %s (gRPC on %s, %s, %s, %s)",
             self.version,
             self.node_id,
             self.address,
+            self._transport.version,
             etcd,
             cdc,
             persistence,
@@ -409,6 +411,11 @@ class Node:
             if self.profiler is not None:
                 profiling = self.profiler.describe()
             admin = ("admin", "running", f"{self.admin.url}: /metrics, /healthz, /readyz; {profiling}")
+        grpc = (
+            "grpc",
+            self._transport.server,
+            f"{self._transport.version} serves {self.address} (FLUX_GRPC_SERVER={self.settings.grpc_server})",
+        )
         return [
             ("active_expiry", "running", self._expiry.describe()),
             cdc,
@@ -416,6 +423,7 @@ class Node:
             etcd,
             admin,
             aof,
+            grpc,
         ]
 
     def cdc_counters(self) -> CdcCounters | None:
@@ -461,6 +469,13 @@ class Node:
                 node_id=self.node_id,
                 version=self.version,
                 epoch=self.store.epoch,
+            ),
+            gauge(
+                "fluxkv_grpc_server_info",
+                "The gRPC server that serves this node (FLUX_GRPC_SERVER) and its version; always 1.",
+                1,
+                server=self._transport.server,
+                version=self._transport.version,
             ),
             gauge("fluxkv_ready", "1 while /readyz answers 200, else 0.", int(self.readiness()[0])),
             gauge("fluxkv_keys", "Keys held (expired keys not yet removed included).", len(self.store)),

@@ -1,6 +1,10 @@
 """Shared fixtures: a node in this process, or a real fluxkv-server process, both
 on an ephemeral port, and gRPC stubs connected to them; a private etcd or
-RabbitMQ node for tests that stop, kill or restart one."""
+RabbitMQ node for tests that stop, kill or restart one.
+
+Every test that starts a node runs once on each gRPC server (the `grpc_server`
+fixture's parameter): settings() and server_process() refuse to start a node
+in a test without it, so that no test talks to one server only."""
 
 from __future__ import annotations
 
@@ -35,14 +39,37 @@ READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30
 
 
+GRPC_SERVERS = ("native", "grpcio")
+# The current test's gRPC server, while its grpc_server fixture is set up.
+_grpc_server: str | None = None
+
+
+@pytest.fixture(params=GRPC_SERVERS)
+def grpc_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The gRPC server this test's nodes run on, in this process (settings())
+    and in the processes it starts (FLUX_GRPC_SERVER)."""
+    global _grpc_server
+    monkeypatch.setenv("FLUX_GRPC_SERVER", request.param)
+    _grpc_server = request.param
+    yield request.param
+    _grpc_server = None
+
+
+def grpc_server_in_use() -> str:
+    """The current test's gRPC server; an error in a test without the grpc_server fixture."""
+    if _grpc_server is None:
+        raise RuntimeError("this test starts a node: give it the grpc_server fixture, so that it runs on both servers")
+    return _grpc_server
+
+
 def settings(**overrides: object) -> config.Settings:
-    """Test settings: free ports (gRPC and admin), a short grace period."""
-    defaults = config.Settings(port=0, admin_port=0, shutdown_grace_s=2.0)
+    """Test settings: free ports (gRPC and admin), a short grace period, the test's gRPC server."""
+    defaults = config.Settings(port=0, admin_port=0, shutdown_grace_s=2.0, grpc_server=grpc_server_in_use())
     return dataclasses.replace(defaults, **overrides)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def node() -> AsyncIterator[Node]:
+async def node(grpc_server: str) -> AsyncIterator[Node]:
     n = Node(settings())
     await n.start()
     yield n
@@ -150,7 +177,10 @@ class ServerProcess:
 @contextmanager
 def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:
     """Start `cmd/fluxkv-server --port 0 ARGS` and wait until it serves. Its admin
-    port is a free one (FLUX_ADMIN_PORT=0) unless `env` says otherwise."""
+    port is a free one (FLUX_ADMIN_PORT=0) unless `env` says otherwise; its
+    gRPC server is the test's, unless `env` names one (FLUX_GRPC_SERVER)."""
+    if "FLUX_GRPC_SERVER" not in (env or {}):
+        grpc_server_in_use()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", *args],
         stderr=subprocess.PIPE,
@@ -170,7 +200,7 @@ def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator
 
 
 @pytest.fixture
-def server() -> Iterator[ServerProcess]:
+def server(grpc_server: str) -> Iterator[ServerProcess]:
     with server_process() as s:
         yield s
 

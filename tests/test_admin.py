@@ -58,6 +58,7 @@ def test_worker_i_serves_admin_port_plus_i(port: int | None, second: int | None)
 # -- pages -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_index_health_and_unknown_pages() -> None:
     async with running_node() as (node, _):
         assert node.admin is not None
@@ -75,6 +76,7 @@ async def test_index_health_and_unknown_pages() -> None:
         assert missing.status == 404 and "no page at /debug/pprof/; see /" in missing.text
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_not_ready_from_the_start_of_shutdown_while_calls_drain() -> None:
     # A broker that cannot be reached and a CDC queue that one MultiSet fills: the
     # next write waits for room, an in-flight call that holds the shutdown back.
@@ -111,6 +113,7 @@ async def test_not_ready_from_the_start_of_shutdown_while_calls_drain() -> None:
 # -- processes -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_ready_only_once_registered_in_etcd() -> None:
     etcd = EtcdServer()  # not started yet: the node starts unregistered
     try:
@@ -130,6 +133,7 @@ def test_ready_only_once_registered_in_etcd() -> None:
         etcd.close()
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_off_opens_no_admin_port() -> None:
     with server_process(env={"FLUX_ADMIN_PORT": "off"}) as server:
         grpc_port = int(server.address.rsplit(":", 1)[1])
@@ -147,6 +151,7 @@ def test_off_opens_no_admin_port() -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_each_worker_serves_its_own_admin_port() -> None:
     with server_process("--workers", "2") as parent:
         ports = {int(m.group(1)) for m in parent.wait_for(ADMIN_ON, count=2)}

@@ -81,6 +81,7 @@ async def read_back(kv: kv_pb2_grpc.KVStub, keys: list[str]) -> dict[str, tuple[
     return found
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_no_acknowledged_write_is_lost_when_the_node_is_killed(tmp_path: Path) -> None:
     env = {"FLUX_AOF_FILENAME": str(tmp_path / "node.aof"), "FLUX_AOF_APPEND_FSYNC": "always"}
     acked, epoch = await killed_under_load(env, 3000)
@@ -119,6 +120,7 @@ async def consume_until(url: str, queue: str, wanted: set[int], timeout: float =
     return seen
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_no_acknowledged_write_is_missing_from_cdc_after_a_kill_with_the_broker_down(
     tmp_path: Path, rabbit_broker: RabbitBroker, names: Names
 ) -> None:
@@ -140,6 +142,7 @@ async def test_no_acknowledged_write_is_missing_from_cdc_after_a_kill_with_the_b
         assert "the broker confirmed every CDC event" in server.log
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_full_cdc_queue_spills_to_the_file_without_blocking_or_dropping(
     tmp_path: Path, rabbit_broker: RabbitBroker, names: Names
 ) -> None:
@@ -158,6 +161,7 @@ async def test_a_full_cdc_queue_spills_to_the_file_without_blocking_or_dropping(
     assert [(e.rev, e.key) for e in events] == [(i + 1, f"k{i}") for i in range(300)]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_clean_restart_resumes_cdc_after_the_checkpoint(tmp_path: Path, names: Names) -> None:
     options = {"aof_filename": str(tmp_path / "node.aof"), "cdc_exchange": names.exchange, "cdc_queue": names.queue}
     from .conftest import BROKER
@@ -176,6 +180,7 @@ async def test_a_clean_restart_resumes_cdc_after_the_checkpoint(tmp_path: Path, 
     assert [(e.rev, e.key) for d in second for e in d.events] == [(51, "after")]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_rewrite_on_demand_from_the_command_line_and_by_size(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
     # always: every acknowledged write is in the file, so Info's size is the CLI's "before".

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import pygrpc_native
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -187,7 +188,7 @@ async def test_scan_pages_through_every_key_once(kv: kv_pb2_grpc.KVStub) -> None
     assert all(i.value == b"" and i.mod_revision > 0 for i in keys_only.items)
 
 
-async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> None:
+async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_server: str) -> None:
     await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"12345") for i in range(600)]))
     info = await kv.Info(pb.InfoRequest())
     assert info.node_id == node.node_id and info.node_id.endswith(f":{node.port}")
@@ -206,7 +207,12 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub) -> No
         ("etcd", "disabled"),
         ("admin", "running"),
         ("aof", "disabled"),
+        ("grpc", grpc_server),
     ]
+    version = {"native": f"pygrpc-native {pygrpc_native.__version__}", "grpcio": f"grpcio {grpc.__version__}"}
+    assert (
+        info.subsystems[-1].detail == f"{version[grpc_server]} serves {node.address} (FLUX_GRPC_SERVER={grpc_server})"
+    )
 
 
 # -- bad input ---------------------------------------------------------------
@@ -282,7 +288,7 @@ async def test_cursor_from_another_prefix_is_refused(kv: kv_pb2_grpc.KVStub) -> 
 
 
 @pytest.fixture
-async def small_node() -> AsyncIterator[kv_pb2_grpc.KVStub]:
+async def small_node(grpc_server: str) -> AsyncIterator[kv_pb2_grpc.KVStub]:
     node = Node(
         settings(
             max_key_bytes=100,

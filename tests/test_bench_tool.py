@@ -26,7 +26,7 @@ from fluxkv.bench_load import Tally, drive
 from fluxkv.bench_report import Progress, Result, machine, summary, to_json
 from fluxkv.private_servers import EtcdServer, free_port
 
-from .conftest import ROOT, ServerProcess, server_process
+from .conftest import GRPC_SERVERS, ROOT, ServerProcess, server_process
 
 BENCH = [sys.executable, str(ROOT / "cmd" / "fluxkv-bench")]
 SCHEMA_FIELDS = {
@@ -37,9 +37,10 @@ SCHEMA_FIELDS = {
 LATENCY_FIELDS = ["min", "avg", "p50", "p90", "p95", "p99", "p99_9", "max"]
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[ServerProcess]:
-    with server_process() as server:
+@pytest.fixture(scope="module", params=GRPC_SERVERS)
+def node(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """One node for the module's tests, on each gRPC server in turn."""
+    with server_process(env={"FLUX_GRPC_SERVER": request.param}) as server:
         yield server
 
 
@@ -341,6 +342,7 @@ def test_profile_writes_speedscope_and_flame_graph(node: ServerProcess, tmp_path
     assert (prof / "server-flamegraph.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_etcd_discovery_and_the_etcd_reference(etcd_server: EtcdServer, tmp_path: Path) -> None:
     prefix = f"/fluxkv-bench-test/{uuid.uuid4().hex[:8]}/"
     env = {"FLUX_ETCD_ENDPOINTS": etcd_server.endpoint, "FLUX_ETCD_PREFIX": prefix}

@@ -61,6 +61,7 @@ def cdc(names: Names, url: str = BROKER, **overrides: object) -> dict[str, objec
     return {"rabbitmq_url": url, "cdc_exchange": names.exchange, "cdc_queue": names.queue, **overrides}
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_every_acknowledged_change_reaches_the_queue_once_in_revision_order(names: Names) -> None:
     acked: dict[int, tuple[Op, str, bytes | None]] = {}
     async with running_node(**cdc(names, cdc_linger_ms=2)) as (node, kv):
@@ -103,6 +104,7 @@ async def test_every_acknowledged_change_reaches_the_queue_once_in_revision_orde
         assert revs == sorted(revs)
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_info_reports_the_publishers_counters(names: Names) -> None:
     async with running_node(**cdc(names)) as (node, kv):
         for i in range(10):
@@ -122,6 +124,7 @@ async def test_cdc_off_reports_disabled(kv: kv_pb2_grpc.KVStub) -> None:
     assert any(s.name == "cdc" and s.state == "disabled" for s in info.subsystems)
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_block_policy_refuses_writes_with_unavailable_when_the_queue_stays_full(names: Names) -> None:
     unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
     small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_block_timeout_ms": 200, "cdc_flush_timeout_s": 0.1}
@@ -145,6 +148,7 @@ async def test_block_policy_refuses_writes_with_unavailable_when_the_queue_stays
         assert info.revision == 10
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_drop_policy_accepts_writes_and_counts_the_dropped_events(names: Names) -> None:
     unreachable = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
     small = {"max_batch_items": 5, "cdc_queue_events": 10, "cdc_full_policy": "drop", "cdc_flush_timeout_s": 0.1}

@@ -17,6 +17,8 @@ from fluxkv.proto import kv_pb2 as pb
 from .conftest import Names, running_node
 from .test_cdc import deduplicated, drain
 
+pytestmark = pytest.mark.usefixtures("grpc_server")
+
 QUEUE = Names("flux_kv_events", "flux_cdc_file_logger")
 
 

@@ -105,6 +105,7 @@ async def within(seconds: float, condition: Callable[[], bool]) -> None:
 # -- routing and the calls --------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_each_key_goes_to_its_owner_on_the_ring() -> None:
     async with cluster(3) as c, Client(c.addresses) as client:
         for i in range(60):
@@ -124,6 +125,7 @@ async def test_each_key_goes_to_its_owner_on_the_ring() -> None:
         assert await client.delete("user:1") is False
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_multi_calls_split_by_owner_in_chunks_within_the_node_limit_and_keep_request_order() -> None:
     # Nodes that refuse more than 7 keys per call: a batch not split by the client fails.
     async with cluster(3, max_batch_items=7) as c, Client(c.addresses, max_batch_items=7) as client:
@@ -150,6 +152,7 @@ async def test_multi_calls_split_by_owner_in_chunks_within_the_node_limit_and_ke
         assert await client.multi_get([]) == []
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_big_batches_go_in_chunks_of_1000_items_and_8_mib() -> None:
     # One node with the default limits: 1000 items and 8 MiB of keys and values per
     # MultiSet, and per MultiGet answer (which the client meets by asking in halves).
@@ -161,6 +164,7 @@ async def test_big_batches_go_in_chunks_of_1000_items_and_8_mib() -> None:
         assert [g.value if g else None for g in got] == list(items.values())
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_failed_conditions_raise_condition_failed_with_the_current_revision() -> None:
     async with cluster(2) as c, Client(c.addresses) as client:
         first = await client.set("cas", b"a")
@@ -188,6 +192,7 @@ async def test_failed_conditions_raise_condition_failed_with_the_current_revisio
         assert results[1].revision == results[0].revision  # the key's current revision
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_refused_request_raises_invalid_request_at_once() -> None:
     async with cluster(2) as c, Client(c.addresses) as client:
         with pytest.raises(InvalidRequest) as info:
@@ -205,6 +210,7 @@ async def test_a_refused_request_raises_invalid_request_at_once() -> None:
 # -- unavailable nodes, retries and deadlines ---------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_stopped_node_is_unavailable_after_bounded_retries_or_sooner_with_a_short_deadline() -> None:
     async with cluster(2) as c, Client(c.addresses) as client:
         down, up = c.nodes
@@ -232,6 +238,7 @@ async def test_a_stopped_node_is_unavailable_after_bounded_retries_or_sooner_wit
             await client.multi_get([other, key])
 
 
+@pytest.mark.usefixtures("grpc_server")
 @pytest.mark.parametrize("call", ["set", "multi_set"])
 async def test_a_retry_goes_to_the_new_owner_once_the_ring_changes(call: str) -> None:
     async with cluster(2) as c:
@@ -273,6 +280,7 @@ async def test_a_node_that_never_answers_fails_at_the_deadline() -> None:
                     pass
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_without_nodes_the_error_says_so_until_the_source_knows_one() -> None:
     with pytest.raises(ValueError, match="node addresses"):
         Client([])
@@ -294,6 +302,7 @@ async def test_without_nodes_the_error_says_so_until_the_source_knows_one() -> N
 # -- channels -------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_one_channel_per_node_for_the_clients_life_dropped_when_the_node_leaves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -343,6 +352,7 @@ async def test_one_channel_per_node_for_the_clients_life_dropped_when_the_node_l
 # -- scan and watch over every node ------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_scan_returns_every_key_of_every_node_exactly_once() -> None:
     async with cluster(3) as c, Client(c.addresses) as client:
         users = {f"user:{i:03}": b"u%d" % i for i in range(250)}
@@ -356,6 +366,7 @@ async def test_scan_returns_every_key_of_every_node_exactly_once() -> None:
         assert len([kv async for kv in client.scan()]) == 270
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_watch_streams_the_changes_of_every_node_tagged_with_the_node() -> None:
     async with cluster(3) as c, Client(c.addresses) as client:
         async with client.watch("w:") as events:
@@ -387,6 +398,7 @@ async def test_watch_streams_the_changes_of_every_node_tagged_with_the_node() ->
                 await anext(events)
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_watch_from_a_revision_no_longer_held_fails_on_entering() -> None:
     async with cluster(2, watch_history=2) as c, Client(c.addresses) as client:
         node = c.nodes[0]
@@ -429,6 +441,7 @@ def nodes_in_a_thread(count: int) -> Iterator[list[Node]]:
         loop.close()
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_the_blocking_twin_does_what_the_client_does() -> None:
     with nodes_in_a_thread(2) as nodes, SyncClient([n.address for n in nodes]) as client:
         ring = HashRing(n.address for n in nodes)

@@ -29,6 +29,8 @@ from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import ROOT, eventually, server_process
 
+pytestmark = pytest.mark.usefixtures("grpc_server")
+
 TTL_S = 2
 WAIT_S = 20.0
 

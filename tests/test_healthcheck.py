@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
+
 from .conftest import ROOT, running_node
+
+pytestmark = pytest.mark.usefixtures("grpc_server")
 
 
 async def test_the_health_check_command_asks_the_node() -> None:

@@ -63,6 +63,7 @@ def test_a_json_line_has_the_fields_extra_values_and_the_exception() -> None:
     assert "\n" not in formatter.format(record)  # one line, whatever the message holds
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_json_lines_carry_the_lifecycle_and_nothing_per_request() -> None:
     with server_process(env={"FLUX_LOG_FORMAT": "json"}) as server:
         server.wait_for('"event":"serving"')
@@ -90,6 +91,7 @@ def test_json_lines_carry_the_lifecycle_and_nothing_per_request() -> None:
     assert by_event["shutdown_complete"]["revision"] == 20
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_json_lines_of_a_node_with_etcd_and_cdc(etcd_server: EtcdServer, names: Names) -> None:
     env = {
         "FLUX_LOG_FORMAT": "json",
@@ -112,6 +114,7 @@ def test_json_lines_of_a_node_with_etcd_and_cdc(etcd_server: EtcdServer, names: 
     assert seen[-1] == "shutdown_complete"
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_console_lines_stay_text() -> None:
     with server_process() as server:
         assert server.stop() == 0

@@ -47,6 +47,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_requests_store_and_process_after_traffic() -> None:
     async with running_node(watch_history=2) as (node, kv):
         for i in range(5):
@@ -110,6 +111,7 @@ async def test_requests_store_and_process_after_traffic() -> None:
     assert not any(name.startswith(("fluxkv_cdc_", "fluxkv_etcd_")) for name, _ in samples)  # both off
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_cdc_counters_with_a_broker(names: Names) -> None:
     cdc = {"rabbitmq_url": BROKER, "cdc_exchange": names.exchange, "cdc_queue": names.queue}
     async with running_node(**cdc) as (node, kv):
@@ -127,6 +129,7 @@ async def test_cdc_counters_with_a_broker(names: Names) -> None:
     assert value(samples, "fluxkv_cdc_confirmed_revision") == 20
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_etcd_registration_with_etcd(etcd_server: EtcdServer) -> None:
     prefix = f"/fluxkv-test-{uuid.uuid4().hex[:8]}/"
     async with running_node(etcd_endpoints=(etcd_server.endpoint,), etcd_prefix=prefix) as (node, _):
@@ -140,6 +143,7 @@ async def test_etcd_registration_with_etcd(etcd_server: EtcdServer) -> None:
     assert value(samples, "fluxkv_forwarded_calls_total") == 0
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_subsystem_adds_its_metrics_through_the_registry() -> None:
     async with running_node() as (node, _):
         # What the append-only file, say, would do when the node builds it.
@@ -163,6 +167,7 @@ def test_exposition_escapes_labels_and_help() -> None:
     ]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_append_only_file(tmp_path: object) -> None:
     path = f"{tmp_path}/node.aof"
     async with running_node(aof_filename=path, aof_append_fsync="always") as (node, kv):

@@ -100,6 +100,7 @@ def test_each_worker_profiles_on_its_own_admin_port() -> None:
 # -- the endpoint ------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_index_lists_the_profile_endpoint_and_info_reports_it() -> None:
     async with pprof_node() as (_, port, kv):
         for path in ("/debug/pprof/", "/debug/pprof"):
@@ -115,6 +116,7 @@ async def test_index_lists_the_profile_endpoint_and_info_reports_it() -> None:
         assert "0 profiles recorded" in line.detail
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_speedscope_profile_while_the_node_serves() -> None:
     async with pprof_node() as (_, port, kv):
         answer, writes = await profile_under_load(port, kv, "/debug/pprof/profile?seconds=1")
@@ -134,6 +136,7 @@ async def test_speedscope_profile_while_the_node_serves() -> None:
     ("fmt", "content_type", "starts"),
     [("flamegraph", "image/svg+xml", b"<?xml"), ("raw", "text/plain; charset=utf-8", b"")],
 )
+@pytest.mark.usefixtures("grpc_server")
 async def test_flamegraph_and_raw_formats(fmt: str, content_type: str, starts: bytes) -> None:
     async with pprof_node() as (_, port, kv):
         answer, _ = await profile_under_load(port, kv, f"/debug/pprof/profile?seconds=1&format={fmt}")
@@ -147,6 +150,7 @@ async def test_flamegraph_and_raw_formats(fmt: str, content_type: str, starts: b
             assert re.search(rb"^\S.* \d+$", answer.body, re.MULTILINE)
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_one_profile_at_a_time() -> None:
     async with pprof_node() as (node, port, kv):
         first = asyncio.create_task(http_get(port, "/debug/pprof/profile?seconds=2&format=raw"))
@@ -174,6 +178,7 @@ async def test_one_profile_at_a_time() -> None:
         ("seconds", "bad query string 'seconds'"),
     ],
 )
+@pytest.mark.usefixtures("grpc_server")
 async def test_bad_parameters_answer_400(query: str, message: str) -> None:
     async with pprof_node() as (node, port, _):
         answer = await http_get(port, f"/debug/pprof/profile?{query}")
@@ -195,6 +200,7 @@ async def test_bad_parameters_answer_400(query: str, message: str) -> None:
         (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "headers over 32768 bytes or 100 lines"),
     ],
 )
+@pytest.mark.usefixtures("grpc_server")
 async def test_bad_requests_are_answered_and_closed(request_bytes: bytes, status: int, message: str) -> None:
     async with pprof_node() as (_, port, _):
         answer = await http_get(port, "", raw=request_bytes)
@@ -202,6 +208,7 @@ async def test_bad_requests_are_answered_and_closed(request_bytes: bytes, status
         assert message in answer.text
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_missing_py_spy_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profiling, "find_py_spy", lambda: None)
     async with pprof_node() as (_, port, _):
@@ -210,6 +217,7 @@ async def test_missing_py_spy_answers_503(monkeypatch: pytest.MonkeyPatch) -> No
         assert "py-spy is not installed" in answer.text and "fluxkv[profile]" in answer.text
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_py_spy_failure_answers_500_with_its_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     refusing = tmp_path / "py-spy"
     refusing.write_text("#!/bin/sh\necho 'py-spy> Sampling'\necho 'Error: Permission Denied' >&2\nexit 1\n")
@@ -225,6 +233,7 @@ async def test_py_spy_failure_answers_500_with_its_error(monkeypatch: pytest.Mon
 # -- start and stop ----------------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_stop_ends_a_profile_in_progress() -> None:
     async with pprof_node() as (node, port, _):
         request = asyncio.create_task(http_get(port, "/debug/pprof/profile?seconds=300"))
@@ -250,6 +259,7 @@ async def test_a_taken_port_stops_the_start() -> None:
     assert not node.address  # the admin port is taken first: gRPC never listened
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_disabled_by_default() -> None:
     with server_process() as server:
         match = ADMIN_ON.search(server.log)
@@ -263,6 +273,7 @@ def test_disabled_by_default() -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_server_process_profiles_itself() -> None:
     with server_process(env={"FLUX_PPROF_ENABLED": "yes"}) as server:
         match = PROFILING_ON.search(server.log)

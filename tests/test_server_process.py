@@ -28,11 +28,15 @@ def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     return subprocess.run([*SERVER, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_starts_standalone_and_says_so(server: ServerProcess) -> None:
-    assert "(no etcd registration, no CDC publishing, no persistence)" in server.log
+def test_starts_standalone_and_says_so(server: ServerProcess, grpc_server: str) -> None:
+    served_by = {"native": "pygrpc-native", "grpcio": "grpcio"}[grpc_server]
+    assert re.search(
+        rf"\(gRPC on {served_by} [0-9.]+, no etcd registration, no CDC publishing, no persistence\)", server.log
+    )
     assert server.address.startswith("127.0.0.1:")
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_with_cdc_it_says_where_it_publishes_without_the_password(names: Names) -> None:
     env = {"FLUX_RABBITMQ_URL": BROKER, "FLUX_CDC_EXCHANGE": names.exchange, "FLUX_CDC_QUEUE": names.queue}
     with server_process(env=env) as server:
@@ -128,6 +132,7 @@ def test_port_in_use_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.usefixtures("grpc_server")
 def test_flags_override_environment_and_unknown_variables_are_reported() -> None:
     env = {"FLUX_NODE_ID": "from-env", "FLUX_MAX_KEY_BYTES": "64", "FLUX_NO_SUCH_THING": "1"}
     with server_process("--node-id", "from-flag", env=env) as server:

@@ -82,6 +82,7 @@ def test_the_sample_ratio_setting() -> None:
 # -- propagation and sampling --------------------------------------------------
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_client_span_is_the_parent_of_the_node_span() -> None:
     exporter = InMemorySpanExporter()
     # The node samples none of its own accord: its spans exist because the caller's are sampled.
@@ -114,6 +115,7 @@ async def test_a_client_span_is_the_parent_of_the_node_span() -> None:
     assert clients[1].status.status_code is StatusCode.ERROR
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_the_ratio_decides_only_for_calls_without_a_caller_decision() -> None:
     exporter = InMemorySpanExporter()
     async with running_node(tracing=node_tracing(exporter, 1.0)) as (node, kv):
@@ -129,6 +131,7 @@ async def test_the_ratio_decides_only_for_calls_without_a_caller_decision() -> N
     assert exporter.get_finished_spans() == ()
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_forwarded_call_carries_the_trace_to_the_owner(etcd_server: EtcdServer) -> None:
     exporter = InMemorySpanExporter()
     cluster = {"etcd_endpoints": (etcd_server.endpoint,), "etcd_prefix": f"/fluxkv-test-{uuid.uuid4().hex[:8]}/"}
@@ -170,6 +173,7 @@ async def traced_cdc_node(names: Names, ratio: float, exporter: InMemorySpanExpo
         yield node, kv
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_the_cdc_publish_span_links_to_the_writes_it_carries(names: Names) -> None:
     exporter = InMemorySpanExporter()
     async with traced_cdc_node(names, 1.0, exporter) as (node, kv):
@@ -199,6 +203,7 @@ async def test_the_cdc_publish_span_links_to_the_writes_it_carries(names: Names)
     assert publishes[-1].attributes is not None and publishes[-1].attributes["fluxkv.cdc.last_revision"] == 6
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_unsampled_writes_are_published_without_a_span(names: Names) -> None:
     exporter = InMemorySpanExporter()
     async with traced_cdc_node(names, 0.0, exporter) as (node, kv):
@@ -228,6 +233,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_node_process_exports_its_spans_over_otlp() -> None:
     collector = Collector()
     server = grpc.aio.server()

@@ -107,6 +107,7 @@ async def test_watch_from_a_future_revision_waits_for_it(kv: kv_pb2_grpc.KVStub)
     assert [(e.revision, e.key) for e in await read_events(call, 2)] == [(3, "c"), (4, "d")]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_responses_carry_at_most_a_batch() -> None:
     async with running_node(max_batch_items=4, max_batch_bytes=20_000) as (_, kv):
         await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(4)]))
@@ -122,6 +123,7 @@ async def test_responses_carry_at_most_a_batch() -> None:
         assert sizes == [4, 2, 1]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_watch_from_a_revision_no_longer_held_is_out_of_range() -> None:
     async with running_node(watch_history=3) as (_, kv):
         await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(10)]))
@@ -137,6 +139,7 @@ async def test_watch_from_a_revision_no_longer_held_is_out_of_range() -> None:
         assert [e.revision for e in oldest] == [8, 9, 10]
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_watcher_that_falls_behind_ends_out_of_range() -> None:
     async with running_node(watch_history=5) as (node, kv):
         call = await live_watch(kv)
@@ -154,6 +157,7 @@ async def test_a_watcher_that_falls_behind_ends_out_of_range() -> None:
         assert "0 watchers;" in detail and "revisions 6 to 10" in detail and "1 watchers fell behind" in detail
 
 
+@pytest.mark.usefixtures("grpc_server")
 async def test_shutdown_ends_an_open_watch_at_once_with_unavailable() -> None:
     # A grace period longer than the test's timeout: were the watch left to
     # hold the shutdown, this test would time out instead of passing.
