@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from deploy import native_stack
 from fluxkv import Client, EtcdNodes, config
 from fluxkv.etcd_client import EtcdClient
+from fluxkv.proto import kv_pb2, kv_pb2_grpc
 
 from .conftest import ROOT, eventually
 
@@ -126,7 +128,9 @@ def events(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(UP_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
-async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and_stops_clean(tmp_path: Path) -> None:
+async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and_stops_clean(
+    tmp_path: Path, grpc_server: str
+) -> None:
     async with native(tmp_path) as stack:
         await stack.wait_up()
         services = stack.services
@@ -144,6 +148,11 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
                 return {address for _, address in pairs} == nodes
 
             await eventually(all_registered, "all three nodes register in etcd", wait_s=WAIT_S)
+
+        for address in nodes:  # the shell's FLUX_GRPC_SERVER reaches the compose file's nodes
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=10)
+            assert {s.name: s.state for s in info.subsystems}["grpc"] == grpc_server
 
         key, value = f"stack:{uuid.uuid4().hex[:8]}", b"written through the SDK"
         async with EtcdNodes([etcd]) as source, Client(source, timeout=10) as sdk:
