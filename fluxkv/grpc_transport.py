@@ -108,9 +108,13 @@ class GrpcTransport:
         for name in ("", *self._service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def not_serving(self) -> None:
+        """Report NOT_SERVING to health checks from now on: the first step of shutdown."""
+        await self._health.enter_graceful_shutdown()
+
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls, give in-flight calls grace_s to finish."""
-        await self._health.enter_graceful_shutdown()
+        await self.not_serving()
         await self._server.stop(grace_s)
 
 

@@ -273,6 +273,7 @@ class Node:
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight ones finish, stop background tasks."""
         self._stopping = True  # /readyz answers 503 from here on
+        await self._transport.not_serving()  # and gRPC health NOT_SERVING
         grace = self.settings.shutdown_grace_s
         log.info(
             "shutdown: not ready any more, ending %d watches, refusing new calls, in-flight calls have %.1f s "

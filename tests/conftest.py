@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import aio_pika
 import grpc
+import pygrpc_native
 import pytest
 
 from fluxkv import config
@@ -60,6 +62,11 @@ def grpc_server_in_use() -> str:
     if _grpc_server is None:
         raise RuntimeError("this test starts a node: give it the grpc_server fixture, so that it runs on both servers")
     return _grpc_server
+
+
+def server_version(grpc_server: str) -> str:
+    """How Info and /metrics name a gRPC server and its version."""
+    return {"native": f"pygrpc-native {pygrpc_native.__version__}", "grpcio": f"grpcio {grpc.__version__}"}[grpc_server]
 
 
 def settings(**overrides: object) -> config.Settings:
@@ -275,6 +282,14 @@ async def http_get(port: int, target: str, raw: bytes | None = None) -> Answer:
     assert int(headers["content-length"]) == len(body)
     assert headers["connection"] == "close"
     return Answer(int(status_line.split()[1]), headers, body)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def listening_ports(pid: int) -> set[int]:

@@ -4,26 +4,18 @@ through start-up and shutdown (with etcd too), `off`, and the workers' ports."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxkv import config, workers
 from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import kv_pb2 as pb
 
-from .conftest import http_get, listening_ports, running_node, server_process
+from .conftest import closed_port, http_get, listening_ports, running_node, server_process
 
 ADMIN_ON = r"admin on http://127\.0\.0\.1:(\d+)/"
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- settings ----------------------------------------------------------------
@@ -77,7 +69,7 @@ async def test_index_health_and_unknown_pages() -> None:
 
 
 @pytest.mark.usefixtures("grpc_server")
-async def test_not_ready_from_the_start_of_shutdown_while_calls_drain() -> None:
+async def test_not_ready_and_not_serving_from_the_start_of_shutdown_while_calls_drain() -> None:
     # A broker that cannot be reached and a CDC queue that one MultiSet fills: the
     # next write waits for room, an in-flight call that holds the shutdown back.
     broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
@@ -98,9 +90,14 @@ async def test_not_ready_from_the_start_of_shutdown_while_calls_drain() -> None:
             while node.cdc.counters().writes_delayed == 0:
                 await asyncio.sleep(0.01)
         assert (await http_get(port, "/readyz")).status == 200
-        stopping = asyncio.create_task(node.stop())  # runs before the admin server sees the next request
-        ready = await http_get(port, "/readyz")
-        assert (ready.status, ready.text) == (503, "not ready: shutting down\n")
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stopping = asyncio.create_task(node.stop())  # runs before the admin server sees the next request
+            ready = await http_get(port, "/readyz")
+            assert (ready.status, ready.text) == (503, "not ready: shutting down\n")
+            assert (await health.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            health.cancel()
         assert (await http_get(port, "/healthz")).status == 200  # alive: still draining
         assert not stopping.done()
         blocked.cancel()

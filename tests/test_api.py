@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import pygrpc_native
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -18,7 +17,7 @@ from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.server import Node
 
-from .conftest import settings
+from .conftest import closed_port, eventually, http_get, running_node, server_version, settings
 
 
 async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> str:
@@ -209,9 +208,9 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
         ("aof", "disabled"),
         ("grpc", grpc_server),
     ]
-    version = {"native": f"pygrpc-native {pygrpc_native.__version__}", "grpcio": f"grpcio {grpc.__version__}"}
     assert (
-        info.subsystems[-1].detail == f"{version[grpc_server]} serves {node.address} (FLUX_GRPC_SERVER={grpc_server})"
+        info.subsystems[-1].detail
+        == f"{server_version(grpc_server)} serves {node.address} (FLUX_GRPC_SERVER={grpc_server})"
     )
 
 
@@ -373,6 +372,49 @@ async def test_compat_refuses_binary_values_and_bad_keys(
         "key must not be empty",
     )
     assert (await kv.Get(pb.GetRequest(key="bin"))).value == b"\xff\xfe"
+
+
+# -- deadlines and cancellation ----------------------------------------------
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_the_deadline_reaches_the_handler_and_a_cancelled_caller_cancels_it() -> None:
+    # A broker that cannot be reached and a CDC queue that one MultiSet fills:
+    # every later write waits in its handler for room that never comes.
+    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    overrides = {
+        "rabbitmq_url": broker,
+        "cdc_queue_events": 1000,
+        "cdc_block_timeout_ms": 60_000,
+        "cdc_flush_timeout_s": 0.1,
+    }
+    async with running_node(**overrides) as (node, kv):
+        assert node.cdc is not None and node.admin is not None
+        await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(1000)]))
+        # The handler waits until just before the caller's deadline, then says why.
+        await expect_error(
+            kv.Set(pb.SetRequest(key="late", value=b"v"), timeout=1),
+            grpc.StatusCode.UNAVAILABLE,
+            "the CDC queue is full",
+            "did not drain within 0.9",
+        )
+        # No deadline: the handler waits until the caller goes away.
+        waiting = kv.Set(pb.SetRequest(key="cancelled", value=b"v"))
+        async with asyncio.timeout(30):  # the node counts the write that waits; nothing announces it
+            while node.cdc.counters().writes_delayed < 2:
+                await asyncio.sleep(0.01)
+        waiting.cancel()
+        assert await waiting.code() == grpc.StatusCode.CANCELLED
+
+        async def handler_cancelled() -> bool:
+            page = (await http_get(node.admin.port, "/metrics")).text
+            return 'fluxkv_requests_total{method="fluxkv.v1.KV/Set",code="CANCELLED"} 1' in page
+
+        await eventually(handler_cancelled, "the transport counts the cancelled handler")
+        # Neither write was applied.
+        assert node.store.revision == 1000
+        got = await kv.MultiGet(pb.MultiGetRequest(keys=["late", "cancelled"]))
+        assert [r.found for r in got.results] == [False, False]
 
 
 # -- health and reflection ---------------------------------------------------

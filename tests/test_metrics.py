@@ -19,7 +19,7 @@ from fluxkv.proto import compat_kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.server import Node
 
-from .conftest import BROKER, Names, http_get, running_node
+from .conftest import BROKER, Names, http_get, running_node, server_version
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -47,8 +47,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-@pytest.mark.usefixtures("grpc_server")
-async def test_requests_store_and_process_after_traffic() -> None:
+async def test_requests_store_and_process_after_traffic(grpc_server: str) -> None:
     async with running_node(watch_history=2) as (node, kv):
         for i in range(5):
             await kv.Set(pb.SetRequest(key=f"k{i}", value=b"12345"))
@@ -108,6 +107,7 @@ async def test_requests_store_and_process_after_traffic() -> None:
     assert value(samples, "fluxkv_ready") == 1
     assert value(samples, "fluxkv_node_info", node_id=node.node_id, version=node.version, epoch=node.store.epoch) == 1
     assert value(samples, "process_resident_memory_bytes") > 1_000_000
+    assert value(samples, "fluxkv_grpc_server_info", server=grpc_server, version=server_version(grpc_server)) == 1
     assert not any(name.startswith(("fluxkv_cdc_", "fluxkv_etcd_")) for name, _ in samples)  # both off
 
 
