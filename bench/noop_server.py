@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Reference server for bench/unary_set.py: a bare grpc.aio server answering
-/fluxkv.v1.KV/Set with an empty SetResponse and doing nothing else.
+"""Reference server for bench/unary_set.py and bench/transport.py: a bare gRPC
+server answering /fluxkv.v1.KV/Set with an empty SetResponse and doing nothing
+else, on grpc.aio or on pygrpc-native (--grpc-server, as the node's).
 
-It is the ceiling for unary Python gRPC on this machine: whatever FluxKV does
-per Set (validation, the store, revisions) is what separates the two.
+It is the ceiling for unary Python gRPC on that server on this machine: whatever
+FluxKV does per Set (validation, the store, revisions) is what separates the two.
 Prints `serving on 127.0.0.1:PORT` to stderr when ready; exits on SIGTERM/SIGINT.
 """
 
@@ -19,6 +20,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fluxkv.grpc_transport import SERVERS, VERSIONS
 from fluxkv.proto import kv_pb2
 
 SERVICE = "fluxkv.v1.KV"
@@ -28,8 +30,8 @@ async def set_noop(request: kv_pb2.SetRequest, context: grpc.aio.ServicerContext
     return kv_pb2.SetResponse()
 
 
-async def serve(host: str, port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def serve(host: str, port: int, grpc_server: str) -> None:
+    server = SERVERS[grpc_server](options=[("grpc.so_reuseport", 0)])
     handlers = {
         "Set": grpc.unary_unary_rpc_method_handler(
             set_noop,
@@ -42,7 +44,7 @@ async def serve(host: str, port: int) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(f"noop reference server serving on {host}:{bound}", file=sys.stderr, flush=True)
+    print(f"noop reference server ({VERSIONS[grpc_server]}) serving on {host}:{bound}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -55,8 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--grpc-server", choices=SERVERS, default="grpcio", help="the gRPC server (default grpcio)")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.grpc_server))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""h2load (Debian's nghttp2-client), a C HTTP/2 load generator, as a gRPC client:
+unary /fluxkv.v1.KV/Set calls with one gRPC-framed SetRequest as every request's
+body. It costs the machine far less per call than any Python client, so what it
+measures is the server.
+
+h2load knows HTTP, not gRPC: a call answered HTTP 200 with a gRPC error status in
+its trailers counts as a success to it. Whoever uses these figures checks the
+calls some other way (bench/transport.py compares a node's revision with the calls
+sent: every Set of the same key takes the next revision).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxkv.bench_server import cpu_seconds
+from fluxkv.proto import kv_pb2
+
+METHOD = "/fluxkv.v1.KV/Set"
+KEY = "h2load"
+INSTALL = "apt-get install nghttp2-client"
+TIMEOUT_S = 600.0
+_FINISHED = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
+_REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
+
+
+class H2loadMissing(RuntimeError):
+    """h2load is not on PATH."""
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: not compressed, 4-byte big-endian length, the bytes."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+def set_body(value_size: int) -> bytes:
+    return grpc_frame(kv_pb2.SetRequest(key=KEY, value=b"x" * value_size).SerializeToString())
+
+
+@dataclass
+class H2loadRun:
+    calls: int
+    succeeded: int  # by HTTP status: see the module's docstring
+    seconds: float
+    calls_per_s: float
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us_per_call: float
+    client_cpu_us_per_call: float
+
+
+def h2load(address: str, calls: int, connections: int, streams: int, value_size: int, server_pid: int) -> H2loadRun:
+    """`calls` unary Sets to `address` over `connections` connections with up to `streams`
+    calls in flight on each; server CPU per call from /proc of `server_pid` (and its children)."""
+    tool = shutil.which("h2load")
+    if tool is None:
+        raise H2loadMissing(f"h2load is not on PATH (Debian: {INSTALL})")
+    with tempfile.TemporaryDirectory(prefix="fluxkv-h2load-") as tmp:
+        body, log = Path(tmp) / "body", Path(tmp) / "log.tsv"
+        body.write_bytes(set_body(value_size))
+        argv = [tool, "-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1",
+                "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
+                f"--log-file={log}", f"http://{address}{METHOD}"]  # fmt: skip
+        server_before, client_before = cpu_seconds(server_pid), _children_cpu_s()
+        started = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+        seconds = time.perf_counter() - started
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server_before, _children_cpu_s() - client_before
+        finished, counts = _FINISHED.search(done.stdout), _REQUESTS.search(done.stdout)
+        if done.returncode != 0 or finished is None or counts is None:
+            raise RuntimeError(f"h2load failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+        latencies_ms = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines())
+    succeeded = int(counts.group(3))
+    return H2loadRun(
+        calls=calls,
+        succeeded=succeeded,
+        seconds=seconds,
+        calls_per_s=float(finished.group(1)),
+        mean_ms=statistics.fmean(latencies_ms),
+        p50_ms=latencies_ms[len(latencies_ms) // 2],
+        p99_ms=latencies_ms[min(len(latencies_ms) - 1, int(len(latencies_ms) * 0.99))],
+        server_cpu_us_per_call=server_cpu / calls * 1e6,
+        client_cpu_us_per_call=client_cpu / calls * 1e6,
+    )
+
+
+def _children_cpu_s() -> float:
+    """CPU time of this process's waited-for children: h2load, once it has exited."""
+    times = os.times()
+    return times.children_user + times.children_system

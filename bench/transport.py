@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""What serving a call costs on each gRPC server: h2load (bench/h2load.py) sends the
+same unary Set to a bare grpc.aio no-op, a bare pygrpc-native no-op, a node on
+grpcio and a node on pygrpc-native (FLUX_GRPC_SERVER), rounds interleaved in one
+run, and this prints calls/s, server CPU per call, the ratios, and each node's
+revision checked against the calls sent: h2load counts a call answered HTTP 200
+with a gRPC error as a success, the node's revision does not. With --uvloop, each
+server runs a second time on uvloop's event loop (bench/uvloop_run.py).
+
+    .venv/bin/python bench/transport.py [--calls 100000] [--rounds 3] [--json FILE]
+
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pygrpc_native
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from h2load import H2loadRun, h2load  # noqa: E402
+from unary_set import Server, interrupt, row  # noqa: E402
+
+from fluxkv.bench_report import machine  # noqa: E402
+from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
+
+NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
+NOOP, NODE = "noop", "node"
+
+
+def servers(uvloop: bool) -> list[Server]:
+    """The servers to compare, in the order each round measures them."""
+    started = []
+    for loop in ("asyncio", "uvloop") if uvloop else ("asyncio",):
+        prefix = [sys.executable, str(ROOT / "bench" / "uvloop_run.py")] if loop == "uvloop" else [sys.executable]
+        suffix = "" if loop == "asyncio" else "+uvloop"
+        for grpc_server in ("grpcio", "native"):
+            noop = [*prefix, str(ROOT / "bench" / "noop_server.py"), "--grpc-server", grpc_server]
+            node = [*prefix, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--grpc-server", grpc_server]
+            started.append(Server(f"{NOOP}-{grpc_server}{suffix}", noop))
+            started.append(Server(f"{NODE}-{grpc_server}{suffix}", node, NODE_ENV))
+    for server in started:
+        server.wait_ready()
+    return started
+
+
+async def revision(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        info = await kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=10)
+    return int(info.revision)
+
+
+def median_run(runs: list[H2loadRun]) -> H2loadRun:
+    return sorted(runs, key=lambda r: r.calls_per_s)[(len(runs) - 1) // 2]
+
+
+def report(
+    info: dict[str, Any], args: argparse.Namespace, runs: dict[str, list[H2loadRun]], checks: dict[str, str]
+) -> None:
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, load {info['loadavg']}), Python {info['python']}, "
+        f"grpcio {info['grpcio']}, pygrpc-native {info['pygrpc_native']}"
+    )
+    print(f"load: h2load, {args.calls} unary Sets of {args.value_size} B per round, {args.connections} connections x "
+          f"{args.streams} streams, {args.rounds} rounds interleaved")  # fmt: skip
+    widths = (-22, 10, 10, 10, 9, 9, 9)
+    print(row(widths, "server", "calls/s", "server µs", "client µs", "mean ms", "p50 ms", "p99 ms"))
+    for name, rs in runs.items():
+        m = median_run(rs)
+        cpu = (f"{m.server_cpu_us_per_call:.0f}", f"{m.client_cpu_us_per_call:.1f}")
+        latency = (f"{m.mean_ms:.2f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}")
+        print(row(widths, name, f"{m.calls_per_s:,.0f}", *cpu, *latency))
+    print("(median round by calls/s; server and client µs: CPU per call, the client being h2load)")
+    for suffix in sorted({name.partition("+")[2] for name in runs}):
+        tag = f"+{suffix}" if suffix else ""
+        native, grpcio = f"{NODE}-native{tag}", f"{NODE}-grpcio{tag}"
+        for a, b in ((native, grpcio), (f"{NOOP}-native{tag}", f"{NOOP}-grpcio{tag}")):
+            ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[a], runs[b], strict=True)]
+            print(f"{a} / {b}: {statistics.median(ratios):.2f}x the calls/s "
+                  f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+        for grpc_server in ("native", "grpcio"):
+            node, noop = (median_run(runs[f"{kind}-{grpc_server}{tag}"]) for kind in (NODE, NOOP))
+            own = node.server_cpu_us_per_call - noop.server_cpu_us_per_call
+            print(f"FluxKV's own cost on {grpc_server}{tag}: {own:.0f} µs of server CPU per call (node minus no-op)")
+    for name, check in checks.items():
+        print(f"{name}: {check}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    info = machine()
+    info["pygrpc_native"] = pygrpc_native.__version__
+    started = servers(args.uvloop)
+    try:
+        sent = {s.name: 0 for s in started}
+        runs: dict[str, list[H2loadRun]] = {s.name: [] for s in started}
+        for server in started:  # warm-up, not measured
+            h2load(server.address, args.calls // 10, args.connections, args.streams, args.value_size, server.proc.pid)
+            sent[server.name] += args.calls // 10
+        for rnd in range(1, args.rounds + 1):
+            for server in started:
+                run = h2load(
+                    server.address, args.calls, args.connections, args.streams, args.value_size, server.proc.pid
+                )
+                server.check_alive()
+                sent[server.name] += args.calls
+                runs[server.name].append(run)
+                print(f"round {rnd}  {server.name:<22} {run.calls_per_s:>9,.0f} calls/s  "
+                      f"{run.server_cpu_us_per_call:6.0f} µs server CPU per call", flush=True)  # fmt: skip
+        checks, failed = {}, False
+        for server in started:
+            if server.name.startswith(NODE):
+                got = await revision(server.address)
+                ok = got == sent[server.name]
+                failed |= not ok
+                verdict = "every call applied" if ok else "calls FAILED"
+                checks[server.name] = f"revision {got}, {sent[server.name]} calls sent: {verdict}"
+    finally:
+        for server in started:
+            server.stop()
+    report(info, args, runs, checks)
+    if args.json:
+        record = {"bench": "transport", "time": time.time(), "machine": info, "args": vars(args),
+                  "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "checks": checks}  # fmt: skip
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--calls", type=int, default=100_000, help="calls per server per round (default 100000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server once (default 3)")
+    p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
+    p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
+    p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
+    p.add_argument("--uvloop", action="store_true", help="also run every server on uvloop")
+    p.add_argument("--json", metavar="FILE", help="append the result to FILE as one JSON line")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, interrupt)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
