@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import suite_report
-from suite_services import Etcd, Unavailable, check_broker, redis_set
+from suite_services import Etcd, Unavailable, check_broker, h2load_set, redis_set
 from unary_set import Server, delete_cdc_objects, interrupt, machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ class Scenario:
     title: str
     group: str  # "fluxkv", "cdc" or "reference"
     target: str  # "fluxkv", "fluxkv+cdc", "noop", "etcd" or "redis"
-    kind: str = "set"
+    kind: str = "set"  # fluxkv-bench's workload, or "h2load" (its unary Set)
     value_size: int = 100
     items: int = 1
     read_ratio: float | None = None
@@ -73,7 +73,7 @@ class Scenario:
     def args(self, mode: Mode) -> list[str]:
         """The load's arguments (without address, pid and output): runs compare only when these are equal."""
         args = ["-t", self.kind, "-c", str(CONCURRENCY), "-n", str(self.requests(mode)), "-d", str(self.value_size)]
-        if self.target == "redis":
+        if self.target == "redis" or self.kind == "h2load":
             return args
         args += ["-r", str(KEYSPACE), "--warmup", str(mode.warmup)]
         if self.items > 1:
@@ -93,6 +93,7 @@ SCENARIOS = [
     Scenario("noop-set-100B", "no-op grpc.aio server, Set (the ceiling)", "reference", "noop"),
     Scenario(suite_report.BASELINE, "unary Set, 100 B values", "fluxkv", "fluxkv"),
     Scenario("set-100B-cdc", "unary Set, 100 B, CDC on (RabbitMQ)", "cdc", "fluxkv+cdc"),
+    Scenario("h2load-set-100B", "h2load's unary Set (C): the node's capacity", "reference", "fluxkv", kind="h2load"),
     Scenario("etcd-put-100B", "etcd KV.Put through gRPC", "reference", "etcd"),
     Scenario("redis-set-100B", "Redis SET (redis-benchmark)", "reference", "redis"),
     Scenario("get-100B", "unary Get", "fluxkv", "fluxkv", kind="get"),
@@ -163,6 +164,9 @@ def run_matrix(mode: Mode, servers: dict[str, Server | Etcd | Unavailable]) -> l
                     raise server
                 if s.target == "redis":
                     result = redis_set(CONCURRENCY, s.requests(mode), s.value_size)
+                elif s.kind == "h2load":
+                    assert isinstance(server, Server)
+                    result = h2load_set(server.proc.pid, server.address, CONCURRENCY, s.requests(mode), s.value_size)
                 else:
                     assert server is not None
                     result = run_tool(s, mode, server)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from h2load import H2loadMissing, h2load
 
 HOST = "127.0.0.1"
 ETCD_START_TIMEOUT_S = 30.0
@@ -159,4 +160,24 @@ def redis_set(concurrency: int, requests: int, value_size: int) -> dict[str, Any
         "server_cpu_us_per_request": None,
         "client_cpu_us_per_request": None,
         "argv": argv,
+    }
+
+
+def h2load_set(server_pid: int, address: str, concurrency: int, requests: int, value_size: int) -> dict[str, Any]:
+    """h2load's unary Sets against a node (bench/h2load.py), `concurrency` in flight over two connections;
+    its figures in fluxkv-bench's JSON shape."""
+    connections = 2
+    try:
+        run = h2load(address, requests, connections, max(1, concurrency // connections), value_size, server_pid)
+    except H2loadMissing as exc:
+        raise Unavailable(str(exc)) from None
+    return {
+        "requests": requests,
+        "duration_s": run.seconds,
+        "throughput_per_s": run.calls_per_s,
+        "items_per_s": run.calls_per_s,
+        "latency_ms": {"avg": run.mean_ms, "p50": run.p50_ms, "p99": run.p99_ms},
+        "failures": None,  # h2load counts HTTP statuses, not gRPC ones (bench/transport.py checks the revision)
+        "server_cpu_us_per_request": run.server_cpu_us_per_call,
+        "client_cpu_us_per_request": run.client_cpu_us_per_call,
     }

@@ -8,14 +8,18 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
-# The etcd tests start etcd servers of their own (fluxkv/private_servers.py): Debian's etcd-server, installed if missing.
-if ! command -v etcd >/dev/null; then
+# The etcd tests start etcd servers of their own (fluxkv/private_servers.py): Debian's etcd-server, and the
+# benchmark suite's test drives a node with h2load (Debian's nghttp2-client); each installed if missing.
+packages=()
+command -v etcd >/dev/null || packages+=(etcd-server)
+command -v h2load >/dev/null || packages+=(nghttp2-client)
+if [ ${#packages[@]} -gt 0 ]; then
     as_root=()
     [ "$(id -u)" -eq 0 ] || as_root=(sudo)
     if ! apt_output=$({ "${as_root[@]}" apt-get update -q &&
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; } 2>&1); then
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"; } 2>&1); then
         printf '%s\n' "$apt_output" >&2
-        echo "tests/run.sh: cannot install etcd (apt-get install etcd-server failed, see above); install it and run again" >&2
+        echo "tests/run.sh: cannot install ${packages[*]} (apt-get install failed, see above); install them and run again" >&2
         exit 1
     fi
 fi
