@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The benchmark suite: one command that starts a FluxKV node, a second one with CDC on, the
-no-op grpc.aio reference and a private etcd on loopback, drives each scenario with
+no-op pygrpc-native reference and a private etcd on loopback, drives each scenario with
 cmd/fluxkv-bench (and the local Redis with redis-benchmark), and writes a markdown report,
 PNG plots and a JSON record into a history folder, compared with the previous run of the
 same mode. See bench/README.md.
@@ -90,7 +90,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("set-10KB", "unary Set, 10 KB values", "fluxkv", "fluxkv", value_size=10_240),
     Scenario("set-1KB", "unary Set, 1 KB values", "fluxkv", "fluxkv", value_size=1_024),
-    Scenario("noop-set-100B", "no-op grpc.aio server, Set (the ceiling)", "reference", "noop"),
+    Scenario("noop-set-100B", "no-op pygrpc-native server, Set (the ceiling)", "reference", "noop"),
     Scenario(suite_report.BASELINE, "unary Set, 100 B values", "fluxkv", "fluxkv"),
     Scenario("set-100B-cdc", "unary Set, 100 B, CDC on (RabbitMQ)", "cdc", "fluxkv+cdc"),
     Scenario("h2load-set-100B", "h2load's unary Set (C): the node's capacity", "reference", "fluxkv", kind="h2load"),
@@ -188,7 +188,7 @@ def start_servers(stack: ExitStack, cdc_names: str) -> dict[str, Server | Etcd |
     servers: dict[str, Server | Etcd | Unavailable] = {}
     started = []
     for name, argv, env in [
-        ("noop", [sys.executable, str(ROOT / "bench" / "noop_server.py")], None),
+        ("noop", [sys.executable, str(ROOT / "bench" / "noop_server.py"), "--grpc-server", "native"], None),
         ("fluxkv", node, None),
         ("fluxkv+cdc", node, {"FLUX_RABBITMQ_URL": AMQP_URL, "FLUX_CDC_EXCHANGE": cdc_names,
                               "FLUX_CDC_QUEUE": cdc_names}),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Unary Set throughput of a FluxKV node against a no-op grpc.aio reference server,
+"""Unary Set throughput of a FluxKV node against a no-op reference on the same gRPC server,
 both measured in the same run, alternately, by the same closed-loop client. With
 --cdc-url, a third node publishes every change to that RabbitMQ broker (CDC on,
 publisher confirms, persistent messages, a durable queue), and the ratio
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from fluxkv.bench_report import machine  # noqa: E402
 from fluxkv.bench_server import cpu_seconds  # noqa: E402
+from fluxkv.grpc_transport import SERVERS, VERSIONS  # noqa: E402
 from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
@@ -291,7 +292,7 @@ def interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description="Unary Set QPS of a FluxKV node against a no-op grpc.aio server.")
+    p = argparse.ArgumentParser(description="Unary Set QPS of a FluxKV node against a no-op server on its gRPC server.")
     p.add_argument("-c", "--concurrency", type=int, default=50, help="requests in flight (default 50)")
     p.add_argument("-n", "--requests", type=int, default=20000, help="measured requests per round and server")
     p.add_argument("--warmup", type=int, default=1000, help="unmeasured requests before each measurement")
@@ -306,6 +307,12 @@ def main() -> int:
         type=Path,
         help="also measure CHECKOUT/cmd/fluxkv-server (another checkout, e.g. `git worktree add /tmp/main main`)",
     )
+    p.add_argument(
+        "--grpc-server",
+        choices=SERVERS,
+        default="native",
+        help="the gRPC server of the reference and of every node (FLUX_GRPC_SERVER; default native)",
+    )
     p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
     args = p.parse_args()
     if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
@@ -318,14 +325,16 @@ def main() -> int:
     keys = [f"bench-{i:08d}" for i in range(args.keyspace)]
     requests = [kv_pb2.SetRequest(key=rng.choice(keys), value=value) for _ in range(args.warmup + args.requests)]
     info = machine()
-    print("unary Set: a FluxKV node against a no-op grpc.aio reference, same client, alternating rounds")
+    print(f"unary Set: a FluxKV node against a no-op reference, both on {VERSIONS[args.grpc_server]}, same client, "
+          "alternating rounds")  # fmt: skip
     print(f"machine   {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load {info['loadavg']}")
     print(f"software  Python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
           f"fluxkv {info['commit']}")  # fmt: skip
     print(f"settings  {args.requests} requests after {args.warmup} warm-up, {args.concurrency} in flight, "
           f"{args.conns} connection(s), {args.keyspace} keys, {args.value_size}-byte values, "
           f"{args.rounds} round(s) per server")  # fmt: skip
-    print("reference bench/noop_server.py: bare grpc.aio server whose Set returns an empty SetResponse")
+    print(f"reference bench/noop_server.py: bare {VERSIONS[args.grpc_server]} server whose Set returns an empty "
+          "SetResponse")  # fmt: skip
     cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
     if args.cdc_url:
         print(f"CDC on    a third node publishing to {args.cdc_url.split('@')[-1]}, exchange and durable queue "
@@ -339,18 +348,20 @@ def main() -> int:
     signal.signal(signal.SIGTERM, interrupt)  # stop the servers on SIGTERM too
     servers: list[Server] = []
     try:
-        servers.append(Server("reference", [sys.executable, str(ROOT / "bench" / "noop_server.py")]))
+        noop = [sys.executable, str(ROOT / "bench" / "noop_server.py"), "--grpc-server", args.grpc_server]
+        servers.append(Server("reference", noop))
         node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
-        servers.append(Server("fluxkv", node, NODE_ENV))
+        node_env = {**NODE_ENV, "FLUX_GRPC_SERVER": args.grpc_server}
+        servers.append(Server("fluxkv", node, node_env))
         if args.baseline:
             servers.append(
                 Server(
-                    BASELINE, [sys.executable, str(args.baseline / "cmd" / "fluxkv-server"), "--port", "0"], NODE_ENV
+                    BASELINE, [sys.executable, str(args.baseline / "cmd" / "fluxkv-server"), "--port", "0"], node_env
                 )
             )
         if args.cdc_url:
             env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
-            servers.append(Server(CDC, node, {**NODE_ENV, **env}))
+            servers.append(Server(CDC, node, {**node_env, **env}))
         for s in servers:
             s.wait_ready()
         runs = asyncio.run(bench(servers, requests, args))

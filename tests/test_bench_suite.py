@@ -124,7 +124,7 @@ def test_report_has_every_scenario_the_ratios_and_the_comparison() -> None:
     for name in NAMES:
         assert re.search(rf"^\| {re.escape(name)} \|", text, re.MULTILINE), name
     assert "CDC on/off throughput: **0.90**" in text
-    assert "| noop-set-100B | no-op grpc.aio server, Set (the ceiling) | 1,250 | 1.25 |" in text
+    assert "| noop-set-100B | no-op pygrpc-native server, Set (the ceiling) | 1,250 | 1.25 |" in text
     assert "skipped: redis-benchmark not found on PATH" in text
     assert "| set-100B-cdc | 1,000 | 900 | -10.0% |" in text  # exactly 10% lower: not flagged
     assert "**throughput" not in text
