@@ -5,7 +5,9 @@ grpcio and a node on pygrpc-native (FLUX_GRPC_SERVER), rounds interleaved in one
 run, and this prints calls/s, server CPU per call, the ratios, and each node's
 revision checked against the calls sent: h2load counts a call answered HTTP 200
 with a gRPC error as a success, the node's revision does not. With --uvloop, each
-server runs a second time on uvloop's event loop (bench/uvloop_run.py).
+server runs a second time on uvloop's event loop (bench/uvloop_run.py); with
+--cdc-url, a node on pygrpc-native with CDC on (publishing to that broker) joins
+the rounds, so CDC's cost is measured without a Python client in the way.
 
     .venv/bin/python bench/transport.py [--calls 100000] [--rounds 3] [--json FILE]
 
@@ -21,6 +23,7 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,16 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from h2load import H2loadRun, h2load  # noqa: E402
-from unary_set import Server, interrupt, row  # noqa: E402
+from unary_set import Server, delete_cdc_objects, interrupt, row  # noqa: E402
 
 from fluxkv.bench_report import machine  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
 NOOP, NODE = "noop", "node"
+CDC_NODE = "node-native-cdc"
 
 
-def servers(uvloop: bool) -> list[Server]:
+def servers(uvloop: bool, cdc_url: str | None, cdc_names: str) -> list[Server]:
     """The servers to compare, in the order each round measures them."""
     started = []
     for loop in ("asyncio", "uvloop") if uvloop else ("asyncio",):
@@ -52,6 +56,10 @@ def servers(uvloop: bool) -> list[Server]:
             node = [*prefix, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--grpc-server", grpc_server]
             started.append(Server(f"{NOOP}-{grpc_server}{suffix}", noop))
             started.append(Server(f"{NODE}-{grpc_server}{suffix}", node, NODE_ENV))
+    if cdc_url:
+        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
+        env = {"FLUX_RABBITMQ_URL": cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
+        started.append(Server(CDC_NODE, node, {**NODE_ENV, **env}))
     for server in started:
         server.wait_ready()
     return started
@@ -95,6 +103,12 @@ def report(
             node, noop = (median_run(runs[f"{kind}-{grpc_server}{tag}"]) for kind in (NODE, NOOP))
             own = node.server_cpu_us_per_call - noop.server_cpu_us_per_call
             print(f"FluxKV's own cost on {grpc_server}{tag}: {own:.0f} µs of server CPU per call (node minus no-op)")
+    if CDC_NODE in runs:
+        on, off = median_run(runs[CDC_NODE]), median_run(runs[f"{NODE}-native"])
+        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[CDC_NODE], runs[f"{NODE}-native"], strict=True)]
+        print(f"CDC on / off on native: {statistics.median(ratios):.2f}x the calls/s (rounds {min(ratios):.2f}-"
+              f"{max(ratios):.2f}), {on.server_cpu_us_per_call - off.server_cpu_us_per_call:+.0f} µs of server CPU "
+              "per call (the broker's CPU not counted)")  # fmt: skip
     for name, check in checks.items():
         print(f"{name}: {check}")
 
@@ -102,7 +116,8 @@ def report(
 async def main_async(args: argparse.Namespace) -> int:
     info = machine()
     info["pygrpc_native"] = pygrpc_native.__version__
-    started = servers(args.uvloop)
+    cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
+    started = servers(args.uvloop, args.cdc_url, cdc_names)
     try:
         sent = {s.name: 0 for s in started}
         runs: dict[str, list[H2loadRun]] = {s.name: [] for s in started}
@@ -130,6 +145,8 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         for server in started:
             server.stop()
+        if args.cdc_url:
+            await delete_cdc_objects(args.cdc_url, cdc_names)
     report(info, args, runs, checks)
     if args.json:
         record = {"bench": "transport", "time": time.time(), "machine": info, "args": vars(args),
@@ -147,6 +164,7 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
     p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
     p.add_argument("--uvloop", action="store_true", help="also run every server on uvloop")
+    p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a native node with CDC on, to this broker")
     p.add_argument("--json", metavar="FILE", help="append the result to FILE as one JSON line")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, interrupt)
