@@ -31,7 +31,7 @@ import pytest
 
 from fluxkv import config
 from fluxkv.private_servers import EtcdServer, RabbitBroker
-from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
+from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
 from fluxkv.server import Node
 from fluxkv.tracing import Tracing
 
@@ -95,6 +95,32 @@ async def running_node(
             yield node, kv_pb2_grpc.KVStub(ch)
     finally:
         await node.stop()
+
+
+@asynccontextmanager
+async def node_whose_writes_wait(**overrides: object) -> AsyncIterator[tuple[Node, kv_pb2_grpc.KVStub]]:
+    """A node in this process whose every write waits in its handler (up to 60 s): its broker
+    cannot be reached, and a MultiSet of 1000 keys filled its CDC queue."""
+    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    full = {
+        "rabbitmq_url": broker,
+        "cdc_queue_events": 1000,
+        "cdc_block_timeout_ms": 60_000,
+        "cdc_flush_timeout_s": 0.1,
+    }
+    async with running_node(**{**full, **overrides}) as (node, kv):
+        await kv.MultiSet(
+            kv_pb2.MultiSetRequest(items=[kv_pb2.SetRequest(key=f"k{i}", value=b"v") for i in range(1000)])
+        )
+        yield node, kv
+
+
+async def writes_waiting(node: Node, count: int) -> None:
+    """Return once `count` writes have waited for room in the node's CDC queue."""
+    assert node.cdc is not None
+    async with asyncio.timeout(30):  # the node counts a write that waits; nothing announces it
+        while node.cdc.counters().writes_delayed < count:
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

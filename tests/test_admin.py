@@ -13,7 +13,14 @@ from fluxkv import config, workers
 from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import kv_pb2 as pb
 
-from .conftest import closed_port, http_get, listening_ports, running_node, server_process
+from .conftest import (
+    http_get,
+    listening_ports,
+    node_whose_writes_wait,
+    running_node,
+    server_process,
+    writes_waiting,
+)
 
 ADMIN_ON = r"admin on http://127\.0\.0\.1:(\d+)/"
 
@@ -70,25 +77,12 @@ async def test_index_health_and_unknown_pages() -> None:
 
 @pytest.mark.usefixtures("grpc_server")
 async def test_not_ready_and_not_serving_from_the_start_of_shutdown_while_calls_drain() -> None:
-    # A broker that cannot be reached and a CDC queue that one MultiSet fills: the
-    # next write waits for room, an in-flight call that holds the shutdown back.
-    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
-    overrides = {
-        "rabbitmq_url": broker,
-        "cdc_queue_events": 1000,
-        "cdc_block_timeout_ms": 60_000,
-        "cdc_flush_timeout_s": 0.1,
-        "shutdown_grace_s": 60.0,
-    }
-    async with running_node(**overrides) as (node, kv):
+    # The next write waits for room in the CDC queue: an in-flight call that holds the shutdown back.
+    async with node_whose_writes_wait(shutdown_grace_s=60.0) as (node, kv):
         assert node.admin is not None
         port = node.admin.port
-        await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(1000)]))
         blocked = kv.Set(pb.SetRequest(key="late", value=b"v"), timeout=60)
-        assert node.cdc is not None
-        async with asyncio.timeout(30):  # the node counts the write that waits; nothing announces it
-            while node.cdc.counters().writes_delayed == 0:
-                await asyncio.sleep(0.01)
+        await writes_waiting(node, 1)
         assert (await http_get(port, "/readyz")).status == 200
         async with grpc.aio.insecure_channel(node.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))

@@ -17,7 +17,14 @@ from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.server import Node
 
-from .conftest import closed_port, eventually, http_get, running_node, server_version, settings
+from .conftest import (
+    eventually,
+    http_get,
+    node_whose_writes_wait,
+    server_version,
+    settings,
+    writes_waiting,
+)
 
 
 async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> str:
@@ -377,18 +384,8 @@ async def test_compat_refuses_binary_values_and_bad_keys(
 
 @pytest.mark.usefixtures("grpc_server")
 async def test_the_deadline_reaches_the_handler_and_a_cancelled_caller_cancels_it() -> None:
-    # A broker that cannot be reached and a CDC queue that one MultiSet fills:
-    # every later write waits in its handler for room that never comes.
-    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
-    overrides = {
-        "rabbitmq_url": broker,
-        "cdc_queue_events": 1000,
-        "cdc_block_timeout_ms": 60_000,
-        "cdc_flush_timeout_s": 0.1,
-    }
-    async with running_node(**overrides) as (node, kv):
-        assert node.cdc is not None and node.admin is not None
-        await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key=f"k{i}", value=b"v") for i in range(1000)]))
+    async with node_whose_writes_wait() as (node, kv):
+        assert node.admin is not None
         # The handler waits until just before the caller's deadline, then says why.
         await expect_error(
             kv.Set(pb.SetRequest(key="late", value=b"v"), timeout=1),
@@ -398,9 +395,7 @@ async def test_the_deadline_reaches_the_handler_and_a_cancelled_caller_cancels_i
         )
         # No deadline: the handler waits until the caller goes away.
         waiting = kv.Set(pb.SetRequest(key="cancelled", value=b"v"))
-        async with asyncio.timeout(30):  # the node counts the write that waits; nothing announces it
-            while node.cdc.counters().writes_delayed < 2:
-                await asyncio.sleep(0.01)
+        await writes_waiting(node, 2)
         waiting.cancel()
         assert await waiting.code() == grpc.StatusCode.CANCELLED
 
