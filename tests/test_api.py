@@ -413,6 +413,16 @@ async def test_the_deadline_reaches_the_handler_and_a_cancelled_caller_cancels_i
 # -- health and reflection ---------------------------------------------------
 
 
+async def test_an_unknown_method_or_service_is_unimplemented(channel: grpc.aio.Channel) -> None:
+    for path in ("/fluxkv.v1.KV/Nope", "/nope.Service/Get"):
+        await expect_error(channel.unary_unary(path)(b""), grpc.StatusCode.UNIMPLEMENTED)
+    streaming = channel.unary_stream("/fluxkv.v1.KV/NopeStream")(b"")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in streaming:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "fluxkv.v1.KV", "service.KVService"):
