@@ -54,6 +54,7 @@ STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
 }
 
 
+METADATA_LIMIT_BYTES = 16 * 1024
 SERVERS = {"native": pygrpc_native.aio.server, "grpcio": grpc.aio.server}
 VERSIONS = {"native": f"pygrpc-native {pygrpc_native.__version__}", "grpcio": f"grpcio {grpc.__version__}"}
 
@@ -78,6 +79,10 @@ class GrpcTransport:
                 ("grpc.max_send_message_length", max_message_bytes),
                 # Fail to bind a port another process holds instead of sharing it.
                 ("grpc.so_reuseport", 0),
+                # One limit on a call's metadata for both servers: grpcio would also refuse
+                # some calls at random between its soft limit (8 KiB) and this.
+                ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
+                ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
             ]
         )
         for name, methods in services.items():
