@@ -20,7 +20,7 @@ from fluxkv.server import Node
 from fluxkv.store import shard_of
 from fluxkv.watch import WatchHub
 
-from .conftest import running_node, settings
+from .conftest import eventually, http_get, running_node, settings
 
 WatchCall = grpc.aio.UnaryStreamCall
 
@@ -155,6 +155,25 @@ async def test_a_watcher_that_falls_behind_ends_out_of_range() -> None:
         info = await kv.Info(pb.InfoRequest())
         detail = next(s.detail for s in info.subsystems if s.name == "watch")
         assert "0 watchers;" in detail and "revisions 6 to 10" in detail and "1 watchers fell behind" in detail
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_a_caller_that_cancels_its_watch_ends_the_stream_in_the_node() -> None:
+    async with running_node() as (node, kv):
+        call = await live_watch(kv)
+        await kv.Set(pb.SetRequest(key="k", value=b"v"))
+        assert [e.key for e in (await call.read()).events] == ["k"]
+        assert node.watch_hub.watchers == 1
+        call.cancel()
+        assert node.admin is not None
+        port = node.admin.port
+
+        async def counted_cancelled() -> bool:
+            page = (await http_get(port, "/metrics")).text
+            return 'fluxkv_requests_total{method="fluxkv.v1.KV/Watch",code="CANCELLED"} 1' in page
+
+        await eventually(counted_cancelled, "the transport counts the cancelled stream as it ends")
+        assert node.watch_hub.watchers == 0
 
 
 @pytest.mark.usefixtures("grpc_server")
