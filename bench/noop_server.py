@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference server for bench/unary_set.py and bench/transport.py: a bare gRPC
 server answering /fluxkv.v1.KV/Set with an empty SetResponse and doing nothing
-else, on grpc.aio or on pygrpc-native (--grpc-server, as the node's).
+else, on grpc.aio or on pygrpc-native (--grpc-server) and on the event loop a node
+would choose (--event-loop, as the node's FLUX_EVENT_LOOP).
 
 It is the ceiling for unary Python gRPC on that server on this machine: whatever
 FluxKV does per Set (validation, the store, revisions) is what separates the two.
@@ -20,7 +21,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fluxkv.grpc_transport import SERVERS, VERSIONS
+from fluxkv.grpc_transport import EVENT_LOOPS, SERVERS, VERSIONS, loop_factory
 from fluxkv.proto import kv_pb2
 
 SERVICE = "fluxkv.v1.KV"
@@ -58,8 +59,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--grpc-server", choices=SERVERS, default="grpcio", help="the gRPC server (default grpcio)")
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="auto", help="as FLUX_EVENT_LOOP for a node (default auto)"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.grpc_server))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop, args.grpc_server)) as runner:
+        runner.run(serve(args.host, args.port, args.grpc_server))
 
 
 if __name__ == "__main__":

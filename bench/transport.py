@@ -4,12 +4,13 @@ same unary Set to a bare grpc.aio no-op, a bare pygrpc-native no-op, a node on
 grpcio and a node on pygrpc-native (FLUX_GRPC_SERVER), rounds interleaved in one
 run, and this prints calls/s, server CPU per call, the ratios, and each node's
 revision checked against the calls sent: h2load counts a call answered HTTP 200
-with a gRPC error as a success, the node's revision does not. With --uvloop, each
-server runs a second time on uvloop's event loop (bench/uvloop_run.py); with
+with a gRPC error as a success, the node's revision does not. Every server runs on
+the event loop a node would choose (FLUX_EVENT_LOOP=auto); with --event-loop
+asyncio --event-loop uvloop, each runs on each of those loops instead. With
 --cdc-url, a node on pygrpc-native with CDC on (publishing to that broker) joins
 the rounds, so CDC's cost is measured without a Python client in the way.
 
-    .venv/bin/python bench/transport.py [--calls 100000] [--rounds 3] [--json FILE]
+    .venv/bin/python bench/transport.py [--calls 100000] [--rounds 3] [--event-loop L ...] [--json FILE]
 
 See bench/README.md.
 """
@@ -38,6 +39,7 @@ from h2load import H2loadRun, h2load  # noqa: E402
 from unary_set import Server, delete_cdc_objects, interrupt, row  # noqa: E402
 
 from fluxkv.bench_report import machine  # noqa: E402
+from fluxkv.grpc_transport import EVENT_LOOPS  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
@@ -45,19 +47,23 @@ NOOP, NODE = "noop", "node"
 CDC_NODE = "node-native-cdc"
 
 
-def servers(uvloop: bool, cdc_url: str | None, cdc_names: str) -> list[Server]:
+def loop_suffix(event_loop: str) -> str:
+    return "" if event_loop == "auto" else f"+{event_loop}"
+
+
+def servers(event_loops: list[str], cdc_url: str | None, cdc_names: str) -> list[Server]:
     """The servers to compare, in the order each round measures them."""
     started = []
-    for loop in ("asyncio", "uvloop") if uvloop else ("asyncio",):
-        prefix = [sys.executable, str(ROOT / "bench" / "uvloop_run.py")] if loop == "uvloop" else [sys.executable]
-        suffix = "" if loop == "asyncio" else "+uvloop"
+    for loop in event_loops:
+        suffix = loop_suffix(loop)
         for grpc_server in ("grpcio", "native"):
-            noop = [*prefix, str(ROOT / "bench" / "noop_server.py"), "--grpc-server", grpc_server]
-            node = [*prefix, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--grpc-server", grpc_server]
+            where = ["--grpc-server", grpc_server, "--event-loop", loop]
+            noop = [sys.executable, str(ROOT / "bench" / "noop_server.py"), *where]
+            node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", *where]
             started.append(Server(f"{NOOP}-{grpc_server}{suffix}", noop))
             started.append(Server(f"{NODE}-{grpc_server}{suffix}", node, NODE_ENV))
     if cdc_url:
-        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
+        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--event-loop", event_loops[0]]
         env = {"FLUX_RABBITMQ_URL": cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
         started.append(Server(CDC_NODE, node, {**NODE_ENV, **env}))
     for server in started:
@@ -92,8 +98,8 @@ def report(
         latency = (f"{m.mean_ms:.2f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}")
         print(row(widths, name, f"{m.calls_per_s:,.0f}", *cpu, *latency))
     print("(median round by calls/s; server and client µs: CPU per call, the client being h2load)")
-    for suffix in sorted({name.partition("+")[2] for name in runs}):
-        tag = f"+{suffix}" if suffix else ""
+    for loop in args.event_loop or ["auto"]:
+        tag = loop_suffix(loop)
         native, grpcio = f"{NODE}-native{tag}", f"{NODE}-grpcio{tag}"
         for a, b in ((native, grpcio), (f"{NOOP}-native{tag}", f"{NOOP}-grpcio{tag}")):
             ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[a], runs[b], strict=True)]
@@ -103,9 +109,10 @@ def report(
             node, noop = (median_run(runs[f"{kind}-{grpc_server}{tag}"]) for kind in (NODE, NOOP))
             own = node.server_cpu_us_per_call - noop.server_cpu_us_per_call
             print(f"FluxKV's own cost on {grpc_server}{tag}: {own:.0f} µs of server CPU per call (node minus no-op)")
-    if CDC_NODE in runs:
-        on, off = median_run(runs[CDC_NODE]), median_run(runs[f"{NODE}-native"])
-        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[CDC_NODE], runs[f"{NODE}-native"], strict=True)]
+    if CDC_NODE in runs:  # against the node on the same loop
+        cdc_off = f"{NODE}-native{loop_suffix((args.event_loop or ['auto'])[0])}"
+        on, off = median_run(runs[CDC_NODE]), median_run(runs[cdc_off])
+        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[CDC_NODE], runs[cdc_off], strict=True)]
         print(f"CDC on / off on native: {statistics.median(ratios):.2f}x the calls/s (rounds {min(ratios):.2f}-"
               f"{max(ratios):.2f}), {on.server_cpu_us_per_call - off.server_cpu_us_per_call:+.0f} µs of server CPU "
               "per call (the broker's CPU not counted)")  # fmt: skip
@@ -117,7 +124,7 @@ async def main_async(args: argparse.Namespace) -> int:
     info = machine()
     info["pygrpc_native"] = pygrpc_native.__version__
     cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
-    started = servers(args.uvloop, args.cdc_url, cdc_names)
+    started = servers(args.event_loop or ["auto"], args.cdc_url, cdc_names)
     try:
         sent = {s.name: 0 for s in started}
         runs: dict[str, list[H2loadRun]] = {s.name: [] for s in started}
@@ -163,7 +170,12 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
     p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
     p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
-    p.add_argument("--uvloop", action="store_true", help="also run every server on uvloop")
+    p.add_argument(
+        "--event-loop",
+        action="append",
+        choices=EVENT_LOOPS,
+        help="run every server on this event loop (FLUX_EVENT_LOOP); repeatable (default: auto alone)",
+    )
     p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a native node with CDC on, to this broker")
     p.add_argument("--json", metavar="FILE", help="append the result to FILE as one JSON line")
     args = p.parse_args()

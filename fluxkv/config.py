@@ -31,6 +31,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50052
     grpc_server: str = "native"
+    event_loop: str = "auto"
     node_id: str = ""
     max_key_bytes: int = 4 * KIB
     max_value_bytes: int = 1 * MIB
@@ -200,6 +201,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_GRPC_SERVER",
         "gRPC server: native (pygrpc-native: HTTP/2 in Rust, handlers in Python) or grpcio (grpc.aio).",
         _choice("native", "grpcio"),
+    ),
+    Setting(
+        "event_loop",
+        "FLUX_EVENT_LOOP",
+        "Event loop: auto (uvloop's under grpcio, where it measurably helps; asyncio's under native), asyncio or "
+        "uvloop.",
+        _choice("auto", "asyncio", "uvloop"),
     ),
     Setting(
         "node_id", "FLUX_NODE_ID", "This node's id in Info and change records; empty means <hostname>:<port>.", _text

@@ -28,7 +28,7 @@ from fluxkv.errors import ErrorKind, KVError
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
-from fluxkv.grpc_transport import GrpcTransport
+from fluxkv.grpc_transport import GrpcTransport, loop_factory
 from fluxkv.handlers import CompatHandlers, KVHandlers, WritePath
 from fluxkv.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, counter, gauge
 from fluxkv.profiling import Profiler
@@ -417,8 +417,9 @@ class Node:
         grpc = (
             "grpc",
             self._transport.server,
-            f"{self._transport.version} serves {self.address} (FLUX_GRPC_SERVER={self.settings.grpc_server}) "
-            f"on {'uvloop' if isinstance(asyncio.get_running_loop(), uvloop.Loop) else 'asyncio'}'s event loop",
+            f"{self._transport.version} serves {self.address} (FLUX_GRPC_SERVER={self.settings.grpc_server}, "
+            f"FLUX_EVENT_LOOP={self.settings.event_loop}) on "
+            f"{'uvloop' if isinstance(asyncio.get_running_loop(), uvloop.Loop) else 'asyncio'}'s event loop",
         )
         return [
             ("active_expiry", "running", self._expiry.describe()),
@@ -597,10 +598,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("ignoring %s: no such setting", name)
     if settings.workers > 1:
         sys.exit(asyncio.run(workers.supervise(settings)))
-    # uvloop's event loop cut a grpcio node's CPU per call by a sixth in bench/transport.py; on pygrpc-native,
-    # whose HTTP/2 work is not on the loop, it made no measurable difference.
-    loop_factory = uvloop.new_event_loop if settings.grpc_server == "grpcio" else None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop, settings.grpc_server)) as runner:
         sys.exit(runner.run(serve(settings)))
 
 

@@ -40,7 +40,8 @@ def test_starts_standalone_and_says_so(server: ServerProcess, grpc_server: str) 
 
     # uvloop only where it measurably helps (bench/README.md): under grpcio.
     loop = {"native": "asyncio", "grpcio": "uvloop"}[grpc_server]
-    assert asyncio.run(grpc_subsystem()).endswith(f"(FLUX_GRPC_SERVER={grpc_server}) on {loop}'s event loop")
+    detail = asyncio.run(grpc_subsystem())
+    assert detail.endswith(f"(FLUX_GRPC_SERVER={grpc_server}, FLUX_EVENT_LOOP=auto) on {loop}'s event loop")
 
 
 @pytest.mark.usefixtures("grpc_server")
