@@ -3,7 +3,10 @@
 both measured in the same run, alternately, by the same closed-loop client. With
 --cdc-url, a third node publishes every change to that RabbitMQ broker (CDC on,
 publisher confirms, persistent messages, a durable queue), and the ratio
-CDC on / CDC off is reported too. With --baseline, the node of another checkout
+CDC on / CDC off is reported too; --cdc-format flux-kv measures Flux-KV's
+message format (one message per change) instead, and giving both formats
+measures a node of each in the same rounds and reports flux-kv / fluxkv.
+With --baseline, the node of another checkout
 (say, the main branch's) is measured in the same rounds, and the ratio this
 node / baseline is reported: what a change to the request path costs.
 
@@ -45,6 +48,8 @@ from fluxkv.proto import kv_pb2  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
 CDC = "fluxkv+cdc"
+# The CDC node of each FLUX_CDC_FORMAT.
+CDC_SERVERS = {"fluxkv": CDC, "flux-kv": "fluxkv+cdc-fk"}
 BASELINE = "baseline"
 # The nodes' admin HTTP ports: free ones, so that nodes (and runs) never collide.
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
@@ -192,8 +197,8 @@ def summarize(runs: list[Run], name: str) -> dict[str, Any]:
     }
 
 
-ROUND_COLS = (-6, -10, 9, 9, 9, 16, 16, 8)  # widths; negative: left-aligned
-SUMMARY_COLS = (-10, 10, 12, 9, 9, 16, 8)
+ROUND_COLS = (-6, -14, 9, 9, 9, 16, 16, 8)  # widths; negative: left-aligned
+SUMMARY_COLS = (-14, 10, 12, 9, 9, 16, 8)
 
 
 def row(widths: tuple[int, ...], *cells: object) -> str:
@@ -238,13 +243,13 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
         rounds = " ".join(f"{x:.2f}" for x in per_round)
         print(f"ratio fluxkv/baseline (median QPS): {base_ratio:.2f}   server CPU per request: "
               f"{base_cpu_ratio:.2f}x the baseline's   per round: {rounds}")  # fmt: skip
-    cdc = summaries.get(CDC)
-    cdc_ratio = cdc["median_qps"] / kv["median_qps"] if cdc else None
-    if cdc:
-        per_round = [c.qps / k.qps for c, k in zip(*(
-            [r for r in runs if r.server == name] for name in (CDC, "fluxkv")), strict=True)]  # fmt: skip
-        print(f"ratio CDC on/CDC off (median QPS): {cdc_ratio:.2f}   per round: "
-              + " ".join(f"{x:.2f}" for x in per_round))  # fmt: skip
+    ratios: dict[str, float] = {}
+    for fmt, name in CDC_SERVERS.items():
+        if name in summaries:
+            ratios[fmt] = print_ratio(summaries, runs, name, "fluxkv", f"CDC on ({fmt})/CDC off")
+    fk_ratio = None
+    if len(ratios) == len(CDC_SERVERS):
+        fk_ratio = print_ratio(summaries, runs, CDC_SERVERS["flux-kv"], CDC, "flux-kv/fluxkv format")
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at the end: {info['loadavg_end']} (other work on the machine shows here)")
     if args.json:
@@ -257,8 +262,11 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
             "fluxkv": kv,
             "ratio_median_qps": ratio,
             "ratio_server_cpu_per_req": cpu_ratio,
-            "cdc": cdc,
-            "ratio_cdc_on_off_median_qps": cdc_ratio,
+            "cdc": summaries.get(CDC),
+            "ratio_cdc_on_off_median_qps": ratios.get("fluxkv"),
+            "cdc_flux_kv": summaries.get(CDC_SERVERS["flux-kv"]),
+            "ratio_cdc_flux_kv_on_off_median_qps": ratios.get("flux-kv"),
+            "ratio_flux_kv_fluxkv_median_qps": fk_ratio,
             "baseline": base,
             "baseline_commit": checkout_commit(args.baseline) if args.baseline else None,
             "ratio_baseline_median_qps": base_ratio,
@@ -268,6 +276,18 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def print_ratio(summaries: dict[str, Any], runs: list[Run], name: str, against: str, what: str) -> float:
+    """Print server `name` against server `against`: the ratio of median QPS, each round's, and the
+    difference in server CPU per request; return the ratio."""
+    ratio = float(summaries[name]["median_qps"] / summaries[against]["median_qps"])
+    per_round = [a.qps / b.qps for a, b in zip(*(
+        [r for r in runs if r.server == n] for n in (name, against)), strict=True)]  # fmt: skip
+    cpu = (summaries[name]["server_cpu_s_per_req"] - summaries[against]["server_cpu_s_per_req"]) * 1e6
+    print(f"ratio {what} (median QPS): {ratio:.2f}   per round: " + " ".join(f"{x:.2f}" for x in per_round)
+          + f"   server CPU per request: {cpu:+.1f} µs")  # fmt: skip
+    return ratio
 
 
 async def delete_cdc_objects(url: str, name: str) -> None:
@@ -301,6 +321,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a node with CDC on, publishing to this broker")
     p.add_argument(
+        "--cdc-format",
+        action="append",
+        choices=tuple(CDC_SERVERS),
+        help="with --cdc-url: FLUX_CDC_FORMAT of the CDC node (default fluxkv); give both to measure one node of each",
+    )
+    p.add_argument(
         "--baseline",
         metavar="CHECKOUT",
         type=Path,
@@ -308,6 +334,7 @@ def main() -> int:
     )
     p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
     args = p.parse_args()
+    cdc_formats = list(dict.fromkeys(args.cdc_format or ["fluxkv"]))
     if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
         p.error("-c, -n, --conns, -r and --rounds must be at least 1, --warmup at least 0")
     if args.baseline and not (args.baseline / "cmd" / "fluxkv-server").is_file():
@@ -328,8 +355,8 @@ def main() -> int:
     print("reference bench/noop_server.py: bare grpc.aio server whose Set returns an empty SetResponse")
     cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
     if args.cdc_url:
-        print(f"CDC on    a third node publishing to {args.cdc_url.split('@')[-1]}, exchange and durable queue "
-              f"{cdc_names} (deleted at the end)")  # fmt: skip
+        print(f"CDC on    a node per format ({', '.join(cdc_formats)}) publishing to {args.cdc_url.split('@')[-1]}, "
+              f"exchange and durable queue {cdc_names}-<format> each (deleted at the end)")  # fmt: skip
     if args.baseline:
         print(
             f"baseline  {args.baseline}/cmd/fluxkv-server (commit {checkout_commit(args.baseline)}), default settings"
@@ -348,9 +375,10 @@ def main() -> int:
                     BASELINE, [sys.executable, str(args.baseline / "cmd" / "fluxkv-server"), "--port", "0"], NODE_ENV
                 )
             )
-        if args.cdc_url:
-            env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
-            servers.append(Server(CDC, node, {**NODE_ENV, **env}))
+        for fmt in cdc_formats if args.cdc_url else []:
+            name = f"{cdc_names}-{fmt}"
+            env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": name, "FLUX_CDC_QUEUE": name}
+            servers.append(Server(CDC_SERVERS[fmt], node, {**NODE_ENV, **env, "FLUX_CDC_FORMAT": fmt}))
         for s in servers:
             s.wait_ready()
         runs = asyncio.run(bench(servers, requests, args))
@@ -363,8 +391,8 @@ def main() -> int:
     finally:
         for s in servers:
             s.stop()
-        if args.cdc_url:
-            asyncio.run(delete_cdc_objects(args.cdc_url, cdc_names))
+        for fmt in cdc_formats if args.cdc_url else []:
+            asyncio.run(delete_cdc_objects(args.cdc_url, f"{cdc_names}-{fmt}"))
     report(info, args, runs)
     return 0
 
