@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from fluxkv.bench_report import machine  # noqa: E402
 from fluxkv.bench_server import cpu_seconds  # noqa: E402
-from fluxkv.proto import kv_pb2  # noqa: E402
+from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
 CDC = "fluxkv+cdc"
@@ -56,6 +56,7 @@ NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
+CDC_DRAIN_POLL_S = 0.01
 SetCall = Callable[..., Awaitable[Any]]
 
 
@@ -127,6 +128,7 @@ class Run:
     p99_ms: float
     server_cpu_s_per_req: float
     client_cpu_s_per_req: float
+    cdc_drain_s: float
 
 
 async def closed_loop(stubs: list[SetCall], requests: list[Any], concurrency: int) -> tuple[int, list[float]]:
@@ -170,10 +172,15 @@ async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.
             for ch in channels
         ]
         await closed_loop(stubs, requests[: args.warmup], args.concurrency)
+        await cdc_drained(channels[0], server)
         cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
         failed, lat = await closed_loop(stubs, requests[args.warmup :], args.concurrency)
         seconds = time.perf_counter() - t0
-        server_cpu, client_cpu = server.cpu_seconds() - cpu0, time.process_time() - client0
+        client_cpu = time.process_time() - client0
+        # The server's CPU counts until its CDC publisher has had every event confirmed: a publisher
+        # that lags behind the writes would otherwise catch up, unmeasured, in another server's turn.
+        drain_s = await cdc_drained(channels[0], server)
+        server_cpu = server.cpu_seconds() - cpu0
     finally:
         for ch in channels:
             await ch.close()
@@ -181,7 +188,19 @@ async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [math.nan] * 99
     n = args.requests
     return Run(server.name, rnd, len(lat), failed, seconds, len(lat) / seconds, q[49] * 1e3, q[98] * 1e3,
-               server_cpu / n, client_cpu / n)  # fmt: skip
+               server_cpu / n, client_cpu / n, drain_s)  # fmt: skip
+
+
+async def cdc_drained(channel: grpc.aio.Channel, server: Server) -> float:
+    """For a CDC node, wait until its publisher holds no event the broker has not confirmed (Info);
+    returns the seconds waited (0 for the other servers)."""
+    if server.name not in CDC_SERVERS.values():
+        return 0.0
+    info = kv_pb2_grpc.KVStub(channel).Info
+    start = time.perf_counter()
+    while (await info(kv_pb2.InfoRequest(), timeout=CALL_TIMEOUT_S)).cdc.queue_depth:
+        await asyncio.sleep(CDC_DRAIN_POLL_S)
+    return time.perf_counter() - start
 
 
 def summarize(runs: list[Run], name: str) -> dict[str, Any]:
@@ -197,7 +216,7 @@ def summarize(runs: list[Run], name: str) -> dict[str, Any]:
     }
 
 
-ROUND_COLS = (-6, -14, 9, 9, 9, 16, 16, 8)  # widths; negative: left-aligned
+ROUND_COLS = (-6, -14, 9, 9, 9, 16, 16, 8, 9)  # widths; negative: left-aligned
 SUMMARY_COLS = (-14, 10, 12, 9, 9, 16, 8)
 
 
@@ -209,7 +228,18 @@ async def bench(servers: list[Server], requests: list[Any], args: argparse.Names
     runs: list[Run] = []
     print(
         "\n"
-        + row(ROUND_COLS, "round", "server", "QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "cli CPU µs/req", "failed")
+        + row(
+            ROUND_COLS,
+            "round",
+            "server",
+            "QPS",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU µs/req",
+            "cli CPU µs/req",
+            "failed",
+            "drain s",
+        )
     )
     for rnd in range(1, args.rounds + 1):
         for server in servers:  # alternate: reference, fluxkv, reference, fluxkv, ...
@@ -217,7 +247,7 @@ async def bench(servers: list[Server], requests: list[Any], args: argparse.Names
             runs.append(r)
             cpu, cli = r.server_cpu_s_per_req * 1e6, r.client_cpu_s_per_req * 1e6
             print(row(ROUND_COLS, rnd, r.server, f"{r.qps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{cpu:.1f}",
-                      f"{cli:.1f}", r.failed), flush=True)  # fmt: skip
+                      f"{cli:.1f}", r.failed, f"{r.cdc_drain_s:.2f}"), flush=True)  # fmt: skip
     return runs
 
 
