@@ -78,14 +78,22 @@ def as_flux_kv_consumer(body: bytes) -> list[Event]:
 
 
 async def drain(url: str, queue: str, decode: Decode = decode_batch) -> list[Delivered]:
-    """Every message in `queue`, taken off it, with its events as `decode` reads them."""
+    """Every message in `queue` (which nothing publishes to any more), taken off
+    it, with its events as `decode` reads them. Consumed rather than fetched one
+    by one: with one message per change, a queue can hold thousands."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        q = await channel.get_queue(queue)
-        out = []
-        while (message := await q.get(no_ack=True, fail=False)) is not None:
-            out.append(Delivered(message, decode(message.body)))
+        q = await channel.declare_queue(queue, passive=True)
+        count = q.declaration_result.message_count
+        assert count is not None
+        out: list[Delivered] = []
+        if count:
+            async with q.iterator(no_ack=True) as messages:
+                async for message in messages:
+                    out.append(Delivered(message, decode(message.body)))
+                    if len(out) == count:
+                        break
         return out
 
 
