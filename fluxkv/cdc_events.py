@@ -136,7 +136,7 @@ def decode_batch(body: bytes) -> list[Event]:
 def _from_flux_kv(item: dict[str, Any]) -> dict[str, Any]:
     """The version-1 event that a Flux-KV event says, to be checked as one."""
     kind = item["type"]
-    if kind not in (FLUX_KV_SET, FLUX_KV_DELETE) or isinstance(kind, bool):
+    if type(kind) is not int or kind not in (FLUX_KV_SET, FLUX_KV_DELETE):
         raise SchemaError(f"the Flux-KV event has type {kind!r}; expected 0 (set) or 1 (delete)")
     missing = [name for name in ("rev", "node", "epoch", "ts_ms") if name not in item]
     if missing:

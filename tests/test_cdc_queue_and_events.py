@@ -114,6 +114,7 @@ def test_flux_kv_bodies_of_a_set_a_binary_value_a_delete_and_an_expiry() -> None
     ("body", "message"),
     [
         (b'{"type": 2, "key": "k", "value": null}', "type 2; expected 0 .set. or 1 .delete."),
+        (b'{"type": 1.0, "key": "k", "value": null}', "type 1.0; expected"),
         (b'{"type": 0, "key": "k", "value": "v"}', "lacks FluxKV's rev, node, epoch, ts_ms, without which"),
         (b'{"type": 0, "key": "k", "value": "v", "rev": 1, "node": "n", "ts_ms": 0}', "lacks FluxKV's epoch"),
         (b'{"type": 0, "key": 7, "value": "v", "rev": 1, "node": "n", "epoch": "e", "ts_ms": 0}', "key should be"),
