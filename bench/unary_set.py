@@ -3,7 +3,10 @@
 both measured in the same run, alternately, by the same closed-loop client. With
 --cdc-url, a third node publishes every change to that RabbitMQ broker (CDC on,
 publisher confirms, persistent messages, a durable queue), and the ratio
-CDC on / CDC off is reported too. With --baseline, the node of another checkout
+CDC on / CDC off is reported too; --cdc-format flux-kv measures Flux-KV's
+message format (one message per change) instead, and giving both formats
+measures a node of each in the same rounds and reports flux-kv / fluxkv.
+With --baseline, the node of another checkout
 (say, the main branch's) is measured in the same rounds, and the ratio this
 node / baseline is reported: what a change to the request path costs.
 
@@ -42,16 +45,19 @@ sys.path.insert(0, str(ROOT))
 from fluxkv.bench_report import machine  # noqa: E402
 from fluxkv.bench_server import cpu_seconds  # noqa: E402
 from fluxkv.grpc_transport import SERVERS, VERSIONS  # noqa: E402
-from fluxkv.proto import kv_pb2  # noqa: E402
+from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
 CDC = "fluxkv+cdc"
+# The CDC node of each FLUX_CDC_FORMAT.
+CDC_SERVERS = {"fluxkv": CDC, "flux-kv": "fluxkv+cdc-fk"}
 BASELINE = "baseline"
 # The nodes' admin HTTP ports: free ones, so that nodes (and runs) never collide.
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
+CDC_DRAIN_POLL_S = 0.01
 SetCall = Callable[..., Awaitable[Any]]
 
 
@@ -123,6 +129,7 @@ class Run:
     p99_ms: float
     server_cpu_s_per_req: float
     client_cpu_s_per_req: float
+    cdc_drain_s: float
 
 
 async def closed_loop(stubs: list[SetCall], requests: list[Any], concurrency: int) -> tuple[int, list[float]]:
@@ -166,10 +173,15 @@ async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.
             for ch in channels
         ]
         await closed_loop(stubs, requests[: args.warmup], args.concurrency)
+        await cdc_drained(channels[0], server)
         cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
         failed, lat = await closed_loop(stubs, requests[args.warmup :], args.concurrency)
         seconds = time.perf_counter() - t0
-        server_cpu, client_cpu = server.cpu_seconds() - cpu0, time.process_time() - client0
+        client_cpu = time.process_time() - client0
+        # The server's CPU counts until its CDC publisher has had every event confirmed: a publisher
+        # that lags behind the writes would otherwise catch up, unmeasured, in another server's turn.
+        drain_s = await cdc_drained(channels[0], server)
+        server_cpu = server.cpu_seconds() - cpu0
     finally:
         for ch in channels:
             await ch.close()
@@ -177,7 +189,19 @@ async def measure(server: Server, rnd: int, requests: list[Any], args: argparse.
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [math.nan] * 99
     n = args.requests
     return Run(server.name, rnd, len(lat), failed, seconds, len(lat) / seconds, q[49] * 1e3, q[98] * 1e3,
-               server_cpu / n, client_cpu / n)  # fmt: skip
+               server_cpu / n, client_cpu / n, drain_s)  # fmt: skip
+
+
+async def cdc_drained(channel: grpc.aio.Channel, server: Server) -> float:
+    """For a CDC node, wait until its publisher holds no event the broker has not confirmed (Info);
+    returns the seconds waited (0 for the other servers)."""
+    if server.name not in CDC_SERVERS.values():
+        return 0.0
+    info = kv_pb2_grpc.KVStub(channel).Info
+    start = time.perf_counter()
+    while (await info(kv_pb2.InfoRequest(), timeout=CALL_TIMEOUT_S)).cdc.queue_depth:
+        await asyncio.sleep(CDC_DRAIN_POLL_S)
+    return time.perf_counter() - start
 
 
 def summarize(runs: list[Run], name: str) -> dict[str, Any]:
@@ -186,6 +210,8 @@ def summarize(runs: list[Run], name: str) -> dict[str, Any]:
     return {
         "best_qps": max(r.qps for r in mine),
         "median_qps": statistics.median(r.qps for r in mine),
+        # Writes per second until the broker confirmed them all (the same as QPS without CDC).
+        "median_published_qps": statistics.median(r.ok / (r.seconds + r.cdc_drain_s) for r in mine),
         "p50_ms": mid.p50_ms,
         "p99_ms": mid.p99_ms,
         "failed": sum(r.failed for r in mine),
@@ -193,8 +219,8 @@ def summarize(runs: list[Run], name: str) -> dict[str, Any]:
     }
 
 
-ROUND_COLS = (-6, -10, 9, 9, 9, 16, 16, 8)  # widths; negative: left-aligned
-SUMMARY_COLS = (-10, 10, 12, 9, 9, 16, 8)
+ROUND_COLS = (-6, -14, 9, 9, 9, 16, 16, 8, 9)  # widths; negative: left-aligned
+SUMMARY_COLS = (-14, 10, 12, 9, 9, 16, 8)
 
 
 def row(widths: tuple[int, ...], *cells: object) -> str:
@@ -205,7 +231,18 @@ async def bench(servers: list[Server], requests: list[Any], args: argparse.Names
     runs: list[Run] = []
     print(
         "\n"
-        + row(ROUND_COLS, "round", "server", "QPS", "p50 ms", "p99 ms", "srv CPU µs/req", "cli CPU µs/req", "failed")
+        + row(
+            ROUND_COLS,
+            "round",
+            "server",
+            "QPS",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU µs/req",
+            "cli CPU µs/req",
+            "failed",
+            "drain s",
+        )
     )
     for rnd in range(1, args.rounds + 1):
         for server in servers:  # alternate: reference, fluxkv, reference, fluxkv, ...
@@ -213,7 +250,7 @@ async def bench(servers: list[Server], requests: list[Any], args: argparse.Names
             runs.append(r)
             cpu, cli = r.server_cpu_s_per_req * 1e6, r.client_cpu_s_per_req * 1e6
             print(row(ROUND_COLS, rnd, r.server, f"{r.qps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{cpu:.1f}",
-                      f"{cli:.1f}", r.failed), flush=True)  # fmt: skip
+                      f"{cli:.1f}", r.failed, f"{r.cdc_drain_s:.2f}"), flush=True)  # fmt: skip
     return runs
 
 
@@ -239,13 +276,13 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
         rounds = " ".join(f"{x:.2f}" for x in per_round)
         print(f"ratio fluxkv/baseline (median QPS): {base_ratio:.2f}   server CPU per request: "
               f"{base_cpu_ratio:.2f}x the baseline's   per round: {rounds}")  # fmt: skip
-    cdc = summaries.get(CDC)
-    cdc_ratio = cdc["median_qps"] / kv["median_qps"] if cdc else None
-    if cdc:
-        per_round = [c.qps / k.qps for c, k in zip(*(
-            [r for r in runs if r.server == name] for name in (CDC, "fluxkv")), strict=True)]  # fmt: skip
-        print(f"ratio CDC on/CDC off (median QPS): {cdc_ratio:.2f}   per round: "
-              + " ".join(f"{x:.2f}" for x in per_round))  # fmt: skip
+    ratios: dict[str, float] = {}
+    for fmt, name in CDC_SERVERS.items():
+        if name in summaries:
+            ratios[fmt] = print_ratio(summaries, runs, name, "fluxkv", f"CDC on ({fmt})/CDC off")
+    fk_ratio = None
+    if len(ratios) == len(CDC_SERVERS):
+        fk_ratio = print_ratio(summaries, runs, CDC_SERVERS["flux-kv"], CDC, "flux-kv/fluxkv format")
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at the end: {info['loadavg_end']} (other work on the machine shows here)")
     if args.json:
@@ -258,8 +295,11 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
             "fluxkv": kv,
             "ratio_median_qps": ratio,
             "ratio_server_cpu_per_req": cpu_ratio,
-            "cdc": cdc,
-            "ratio_cdc_on_off_median_qps": cdc_ratio,
+            "cdc": summaries.get(CDC),
+            "ratio_cdc_on_off_median_qps": ratios.get("fluxkv"),
+            "cdc_flux_kv": summaries.get(CDC_SERVERS["flux-kv"]),
+            "ratio_cdc_flux_kv_on_off_median_qps": ratios.get("flux-kv"),
+            "ratio_flux_kv_fluxkv_median_qps": fk_ratio,
             "baseline": base,
             "baseline_commit": checkout_commit(args.baseline) if args.baseline else None,
             "ratio_baseline_median_qps": base_ratio,
@@ -269,6 +309,19 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: list[Run]) -> N
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def print_ratio(summaries: dict[str, Any], runs: list[Run], name: str, against: str, what: str) -> float:
+    """Print server `name` against server `against`: the ratio of median QPS, each round's, and the
+    difference in server CPU per request; return the ratio."""
+    ratio = float(summaries[name]["median_qps"] / summaries[against]["median_qps"])
+    per_round = [a.qps / b.qps for a, b in zip(*(
+        [r for r in runs if r.server == n] for n in (name, against)), strict=True)]  # fmt: skip
+    cpu = (summaries[name]["server_cpu_s_per_req"] - summaries[against]["server_cpu_s_per_req"]) * 1e6
+    published = summaries[name]["median_published_qps"] / summaries[against]["median_published_qps"]
+    print(f"ratio {what} (median QPS): {ratio:.2f}   per round: " + " ".join(f"{x:.2f}" for x in per_round)
+          + f"   counting the CDC drain: {published:.2f}   server CPU per request: {cpu:+.1f} µs")  # fmt: skip
+    return ratio
 
 
 async def delete_cdc_objects(url: str, name: str) -> None:
@@ -302,6 +355,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a node with CDC on, publishing to this broker")
     p.add_argument(
+        "--cdc-format",
+        action="append",
+        choices=tuple(CDC_SERVERS),
+        help="with --cdc-url: FLUX_CDC_FORMAT of the CDC node (default fluxkv); give both to measure one node of each",
+    )
+    p.add_argument(
         "--baseline",
         metavar="CHECKOUT",
         type=Path,
@@ -315,6 +374,7 @@ def main() -> int:
     )
     p.add_argument("--json", metavar="FILE", help="append one JSON line with machine, settings and results")
     args = p.parse_args()
+    cdc_formats = list(dict.fromkeys(args.cdc_format or ["fluxkv"]))
     if min(args.concurrency, args.requests, args.conns, args.keyspace, args.rounds) < 1 or args.warmup < 0:
         p.error("-c, -n, --conns, -r and --rounds must be at least 1, --warmup at least 0")
     if args.baseline and not (args.baseline / "cmd" / "fluxkv-server").is_file():
@@ -337,8 +397,8 @@ def main() -> int:
           "SetResponse")  # fmt: skip
     cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
     if args.cdc_url:
-        print(f"CDC on    a third node publishing to {args.cdc_url.split('@')[-1]}, exchange and durable queue "
-              f"{cdc_names} (deleted at the end)")  # fmt: skip
+        print(f"CDC on    a node per format ({', '.join(cdc_formats)}) publishing to {args.cdc_url.split('@')[-1]}, "
+              f"exchange and durable queue {cdc_names}-<format> each (deleted at the end)")  # fmt: skip
     if args.baseline:
         print(
             f"baseline  {args.baseline}/cmd/fluxkv-server (commit {checkout_commit(args.baseline)}), default settings"
@@ -359,9 +419,10 @@ def main() -> int:
                     BASELINE, [sys.executable, str(args.baseline / "cmd" / "fluxkv-server"), "--port", "0"], node_env
                 )
             )
-        if args.cdc_url:
-            env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
-            servers.append(Server(CDC, node, {**node_env, **env}))
+        for fmt in cdc_formats if args.cdc_url else []:
+            name = f"{cdc_names}-{fmt}"
+            env = {"FLUX_RABBITMQ_URL": args.cdc_url, "FLUX_CDC_EXCHANGE": name, "FLUX_CDC_QUEUE": name}
+            servers.append(Server(CDC_SERVERS[fmt], node, {**node_env, **env, "FLUX_CDC_FORMAT": fmt}))
         for s in servers:
             s.wait_ready()
         runs = asyncio.run(bench(servers, requests, args))
@@ -374,8 +435,8 @@ def main() -> int:
     finally:
         for s in servers:
             s.stop()
-        if args.cdc_url:
-            asyncio.run(delete_cdc_objects(args.cdc_url, cdc_names))
+        for fmt in cdc_formats if args.cdc_url else []:
+            asyncio.run(delete_cdc_objects(args.cdc_url, f"{cdc_names}-{fmt}"))
     report(info, args, runs)
     return 0
 

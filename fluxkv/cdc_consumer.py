@@ -2,6 +2,11 @@
 that react to changes, and the `fluxkv-cdc` program that writes them as JSON
 lines to stdout or to a file.
 
+A message may be in either of the nodes' formats (FLUX_CDC_FORMAT), told apart
+by its body (cdc_events.decode_batch): a Flux-KV event is read as the
+version-1 event it says, so it is handed out, deduplicated and written like
+any other.
+
 Delivery is at least once on both sides of the broker; the consumer drops the
 events it has already seen (cdc_dedup) and acks a message only once its events
 have been handled, so a handler sees every event exactly once as long as the
@@ -71,8 +76,9 @@ class CdcError(Exception):
 
 
 class PoisonMessageError(CdcError):
-    """A message whose body is not a batch of version-1 events. It is left
-    unacked, so it stays at the head of the queue until someone removes it."""
+    """A message whose body is neither a batch of version-1 events nor a
+    Flux-KV event with FluxKV's rev, node, epoch and ts_ms. It is left unacked,
+    so it stays at the head of the queue until someone removes it."""
 
 
 class _Session:
@@ -235,7 +241,8 @@ class CdcConsumer:
         body = message.body
         preview = repr(body[:60]) + ("..." if len(body) > 60 else "")
         return PoisonMessageError(
-            f"queue {self._queue!r} holds a message that is not a batch of version-1 CDC events "
+            f"queue {self._queue!r} holds a message that is neither a batch of version-1 CDC events nor a "
+            "Flux-KV event with FluxKV's rev, node, epoch and ts_ms "
             f"(routing key {message.routing_key!r}, {len(body)} bytes, {preview}): {exc}; "
             "it is left in the queue: remove it to go on"
         )

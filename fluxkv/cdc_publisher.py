@@ -1,13 +1,17 @@
 """The CDC publisher: takes change records from the CdcQueue, batches them into
 AMQP messages and publishes them to RabbitMQ with publisher confirms.
 
-- A message carries the JSON array of consecutive events (cdc_events). A batch
-  is published once it holds FLUX_CDC_BATCH_BYTES of events, or once
-  FLUX_CDC_LINGER_MS have passed since the previous message: under load the
-  node sends one message per linger interval, so events per message grow
-  with the write rate (each message costs a fixed amount of CPU, mostly its
-  socket write), while an event after a quiet interval leaves at once.
-- Up to FLUX_CDC_MAX_IN_FLIGHT messages await their confirm at once; they are
+- A batch of consecutive events is published once it holds
+  FLUX_CDC_BATCH_BYTES of events, or once FLUX_CDC_LINGER_MS have passed since
+  the previous batch: under load the node sends one batch per linger interval,
+  so events per batch grow with the write rate, while an event after a quiet
+  interval leaves at once.
+- A batch is one message, the JSON array of its events (FLUX_CDC_FORMAT
+  fluxkv), or one message per event in Flux-KV's body (flux-kv; cdc_events).
+  Each message costs a fixed amount of CPU, mostly its socket write, so the
+  fluxkv format is the cheap one. A batch's messages are all published, then
+  their confirms awaited together; the batch is confirmed once all of them are.
+- Up to FLUX_CDC_MAX_IN_FLIGHT batches await their confirms at once; they are
   written to one channel in revision order. Records leave the queue (making
   room for writes) only once the broker has confirmed them.
 - When the connection fails, or the broker refuses a message, the publisher
@@ -36,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, AbstractExchange
+import aiormq
+from aio_pika.abc import AbstractConnection
 from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from fluxkv import cdc_events
@@ -79,10 +84,17 @@ class CdcCounters:
 
 
 class _Batch:
-    __slots__ = ("body", "confirmed", "events", "first", "held", "last", "links", "nbytes", "publish", "span")
+    __slots__ = ("confirmed", "events", "first", "held", "last", "links", "messages", "nbytes", "publish", "span")
 
     def __init__(
-        self, first: int, last: int, events: int, nbytes: int, body: bytes, links: list[SpanContext], held: bool = True
+        self,
+        first: int,
+        last: int,
+        events: int,
+        nbytes: int,
+        messages: list[tuple[str, bytes]],
+        links: list[SpanContext],
+        held: bool = True,
     ) -> None:
         self.first = first
         self.last = last
@@ -91,7 +103,7 @@ class _Batch:
         # from the append-only file), and their bytes there.
         self.held = held
         self.nbytes = nbytes
-        self.body = body
+        self.messages = messages  # (message id, body) of each message, in order
         self.confirmed = False
         self.publish: asyncio.Future[Any] | None = None
         self.links = links  # span contexts of the sampled writes it carries
@@ -118,6 +130,9 @@ class CdcPublisher:
         self._batch_bytes = settings.cdc_batch_bytes
         self._linger = settings.cdc_linger_ms / 1000
         self._max_in_flight = settings.cdc_max_in_flight
+        self._per_event = settings.cdc_format == "flux-kv"
+        self._encode = cdc_events.encode_flux_kv if self._per_event else cdc_events.encode_event
+        self._message_type = "flux-kv" if self._per_event else f"fluxkv.cdc.v{cdc_events.SCHEMA_VERSION}"
         self._node = ""
         self._epoch = ""
         # Published batches in revision order, until confirmed and released.
@@ -233,7 +248,7 @@ class CdcPublisher:
             connection: AbstractConnection | None = None
             try:
                 connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
-                exchange = await self._declare(connection)
+                channel = await self._declare(connection)
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # aiormq can swallow a cancellation that arrives while it
@@ -250,7 +265,7 @@ class CdcPublisher:
                 )
                 backoff = RECONNECT_MIN_S
                 last_error = ""
-                await self._pump(connection, exchange)
+                await self._pump(connection, channel)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self.connection == "connected":
@@ -297,22 +312,27 @@ class CdcPublisher:
 
     # -- publishing ------------------------------------------------------------
 
-    async def _declare(self, connection: AbstractConnection) -> AbstractExchange:
+    async def _declare(self, connection: AbstractConnection) -> aiormq.Channel:
+        """Declare the exchange (and the queue); the channel to publish on."""
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(self._exchange_name, self._exchange_type, durable=True)
         if self._queue_name:
             queue = await channel.declare_queue(self._queue_name, durable=True)
             await queue.bind(exchange, routing_key=self._node)
-        return exchange
+        # aiormq's own channel: its basic_publish can skip waiting for each
+        # frame's socket write (wait=False) and only await the confirm.
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        return underlay
 
-    async def _pump(self, connection: AbstractConnection, exchange: AbstractExchange) -> None:
+    async def _pump(self, connection: AbstractConnection, channel: aiormq.Channel) -> None:
         """Publish until the connection fails (raises the failure)."""
         self._failure = None
         self._connection = connection
         connection.close_callbacks.add(self._on_connection_closed)
         for batch in self._in_flight:  # not confirmed when the last connection ended
             if not batch.confirmed:
-                self._send(exchange, batch, again=True)
+                self._send(channel, batch, again=True)
         queue = self._queue
         loop = asyncio.get_running_loop()
         last_sent = -self._linger
@@ -325,14 +345,14 @@ class CdcPublisher:
             elif source == "file":
                 batch = await self._file_batch()
                 if self._failure is None:
-                    self._send(exchange, batch, again=False)
+                    self._send(channel, batch, again=False)
                     last_sent = loop.time()
                 continue
             elif source == "memory":
                 now = loop.time()
                 full = queue.pending_bytes + _EVENT_OVERHEAD * queue.pending >= self._batch_bytes
                 if full or self._flushing or now >= last_sent + self._linger:
-                    self._send(exchange, self._next_batch(), again=False)
+                    self._send(channel, self._next_batch(), again=False)
                     last_sent = now
                     continue
                 timeout = last_sent + self._linger - now
@@ -371,55 +391,52 @@ class CdcPublisher:
         records = await asyncio.to_thread(aof.read_changes, self._next - 1, until, self._batch_bytes)
         if not records or records[0].revision != self._next:
             raise RuntimeError(f"the append-only file lacks revision {self._next}, which CDC must publish")
-        node, epoch = self._node, self._epoch
-        parts = [cdc_events.encode_event(record, node, epoch) for record in records]
-        return self._batch(records[0].revision, records[-1].revision, parts, 0, held=False)
+        node, epoch, encode = self._node, self._epoch, self._encode
+        parts = [encode(record, node, epoch) for record in records]
+        return self._batch([record.revision for record in records], parts, 0, held=False)
 
     def _next_batch(self) -> _Batch:
         """Take pending records until their JSON reaches the batch size (with
         an AOF, only consecutive ones the file already holds)."""
         queue = self._queue
-        node, epoch = self._node, self._epoch
+        node, epoch, encode = self._node, self._epoch, self._encode
         parts: list[bytes] = []
+        revisions: list[int] = []
         size = 2
         nbytes = 0
-        first = last = 0
         limit = self._aof.cdc_safe_revision if self._aof is not None else None
         while queue.pending and size < self._batch_bytes:
-            if limit is not None and (queue.next_revision > limit or (last and queue.next_revision != last + 1)):
+            if limit is not None and (
+                queue.next_revision > limit or (revisions and queue.next_revision != revisions[-1] + 1)
+            ):
                 break
             record = queue.take()
-            data = cdc_events.encode_event(record, node, epoch)
+            data = encode(record, node, epoch)
             parts.append(data)
+            revisions.append(record.revision)
             size += len(data) + 1
             nbytes += record_bytes(record)
-            last = record.revision
-            if not first:
-                first = last
-        return self._batch(first, last, parts, nbytes, held=True)
+        return self._batch(revisions, parts, nbytes, held=True)
 
-    def _batch(self, first: int, last: int, parts: list[bytes], nbytes: int, held: bool) -> _Batch:
-        """The batch of events first..last (encoded in `parts`); publish after it next."""
+    def _batch(self, revisions: list[int], parts: list[bytes], nbytes: int, held: bool) -> _Batch:
+        """The batch of the events of these revisions (encoded in `parts`) as
+        its messages; publish after it next."""
+        first, last = revisions[0], revisions[-1]
         self._next = last + 1
         links = self._tracing.write_links.take(first, last) if self._tracing is not None else []
-        return _Batch(first, last, len(parts), nbytes, cdc_events.join_events(parts), links, held)
+        where = f"{self._node}/{self._epoch}"
+        if self._per_event:
+            messages = [(f"{where}/{rev}-{rev}", part) for rev, part in zip(revisions, parts, strict=True)]
+        else:
+            messages = [(f"{where}/{first}-{last}", cdc_events.join_events(parts))]
+        return _Batch(first, last, len(parts), nbytes, messages, links, held)
 
-    def _send(self, exchange: AbstractExchange, batch: _Batch, again: bool) -> None:
+    def _send(self, channel: aiormq.Channel, batch: _Batch, again: bool) -> None:
         if again:
             self.republished += batch.events
         else:
             self._in_flight.append(batch)
             self.published += batch.events
-        message = aio_pika.Message(
-            batch.body,
-            content_type=cdc_events.CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=f"{self._node}/{self._epoch}/{batch.first}-{batch.last}",
-            type=f"fluxkv.cdc.v{cdc_events.SCHEMA_VERSION}",
-            app_id="fluxkv",
-        )
-        # Tasks take the channel's (FIFO) lock in creation order, so the
-        # broker receives the batches in revision order.
         if batch.links and self._tracing is not None:
             batch.span = self._tracing.publish_span(
                 f"publish {self._exchange_name}",
@@ -429,14 +446,36 @@ class CdcPublisher:
                     "messaging.operation.type": "send",
                     "messaging.destination.name": self._exchange_name,
                     "messaging.rabbitmq.destination.routing_key": self._node,
-                    "messaging.message.id": str(message.message_id),
+                    "messaging.message.id": batch.messages[0][0],
+                    "messaging.batch.message_count": len(batch.messages),
                     "fluxkv.cdc.events": batch.events,
                     "fluxkv.cdc.first_revision": batch.first,
                     "fluxkv.cdc.last_revision": batch.last,
                     "fluxkv.cdc.republished": again,
                 },
             )
-        batch.publish = asyncio.ensure_future(exchange.publish(message, routing_key=self._node, mandatory=False))
+        # Publish every message, then await their confirms together. Tasks
+        # take the channel's (FIFO) lock in creation order, so the broker
+        # receives the messages in revision order.
+        confirms = [
+            asyncio.ensure_future(
+                channel.basic_publish(
+                    body,
+                    exchange=self._exchange_name,
+                    routing_key=self._node,
+                    properties=aiormq.spec.Basic.Properties(
+                        content_type=cdc_events.CONTENT_TYPE,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message_id,
+                        message_type=self._message_type,
+                        app_id="fluxkv",
+                    ),
+                    wait=False,
+                )
+            )
+            for message_id, body in batch.messages
+        ]
+        batch.publish = confirms[0] if len(confirms) == 1 else asyncio.gather(*confirms)
         batch.publish.add_done_callback(lambda done: self._on_publish_done(batch, done))
 
     def _on_publish_done(self, batch: _Batch, done: asyncio.Future[Any]) -> None:

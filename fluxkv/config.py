@@ -46,6 +46,7 @@ class Settings:
     cdc_exchange: str = "flux_kv_events"
     cdc_exchange_type: str = "fanout"
     cdc_queue: str = "flux_cdc_file_logger"
+    cdc_format: str = "fluxkv"
     cdc_queue_events: int = 100_000
     cdc_queue_bytes: int = 256 * MIB
     cdc_full_policy: str = "block"
@@ -269,6 +270,13 @@ SETTINGS: tuple[Setting, ...] = (
         _text,
     ),
     Setting(
+        "cdc_format",
+        "FLUX_CDC_FORMAT",
+        "Message bodies: fluxkv (a JSON array of version-1 events per message) or flux-kv (one message per change, "
+        "Flux-KV's {type, key, value} object, for Flux-KV's consumers; see docs/cdc.md).",
+        _choice("fluxkv", "flux-kv"),
+    ),
+    Setting(
         "cdc_queue_events",
         "FLUX_CDC_QUEUE_EVENTS",
         "Most events held in memory between a write and the broker's confirm.",
@@ -297,20 +305,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cdc_batch_bytes",
         "FLUX_CDC_BATCH_BYTES",
-        "A message carries events up to this many bytes of JSON (a larger event travels alone).",
+        "A batch (one message, or with flux-kv one message per event) carries events up to this many bytes of "
+        "JSON (a larger event travels alone).",
         _int(1),
     ),
     Setting(
         "cdc_linger_ms",
         "FLUX_CDC_LINGER_MS",
-        "Least time between two messages while their batches are not full, in milliseconds (an event after a quiet "
-        "interval leaves at once).",
+        "Least time between two batches while they are not full, in milliseconds (an event after a quiet interval "
+        "leaves at once).",
         _int(0),
     ),
     Setting(
         "cdc_max_in_flight",
         "FLUX_CDC_MAX_IN_FLIGHT",
-        "Messages published and not yet confirmed at once.",
+        "Batches published and not yet confirmed at once (a batch is one message, or with flux-kv one message per "
+        "event).",
         _int(1),
     ),
     Setting(

@@ -1,7 +1,8 @@
-"""The append-only file in a node: SIGKILL in the middle of a write load loses
-no acknowledged write, and with CDC no acknowledged write is missing from the
-stream even when the broker was down while the node died; a full CDC queue
-spills to the file; rewrites on demand and by size."""
+"""The append-only file in a node: SIGKILL in the middle of a load of sets,
+deletes and expiries loses no acknowledged write, and with CDC (in both
+formats) no acknowledged write or recorded expiry is missing from the stream
+even when the broker was down while the node died; a full CDC queue spills to
+the file; rewrites on demand and by size."""
 
 from __future__ import annotations
 
@@ -16,38 +17,34 @@ import grpc
 import pytest
 
 from fluxkv import config, workers
-from fluxkv.cdc_events import decode_batch
 from fluxkv.changes import Op
 from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
 from .conftest import ROOT, Names, running_node, server_process
-from .test_cdc import deduplicated, drain
+from .test_cdc import DECODERS, EXPIRY, FORMATS, Change, Decode, deduplicated, drain, ttl_key, write_mixed
 
 WRITERS = 8
 
 
-async def write_until_killed(
-    address: str, kill: asyncio.Event, count: int, prefix: str = "w"
-) -> dict[str, tuple[bytes, int]]:
-    """Write unique keys from WRITERS concurrent callers; set `kill` once
-    `count` writes were acknowledged; return the acknowledged ones once every
-    caller has seen the node die."""
-    acked: dict[str, tuple[bytes, int]] = {}
+async def write_until_killed(address: str, kill: asyncio.Event, count: int) -> dict[int, Change]:
+    """Write a mixed load (write_mixed) from WRITERS concurrent callers; set
+    `kill` once `count` writes were acknowledged; return the acknowledged ones
+    by revision once every caller has seen the node die."""
+    acked: dict[int, Change] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         kv = kv_pb2_grpc.KVStub(channel)
 
         async def writer(w: int) -> None:
             i = 0
             while True:
-                key, value = f"{prefix}{w}-{i}", f"value {w} {i}".encode() * 3
                 try:
-                    answer = await kv.Set(pb.SetRequest(key=key, value=value), timeout=30)
+                    revision, change = await write_mixed(kv, f"w{w}-", i)
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
                     return  # the node died: this write was never acknowledged
-                acked[key] = (value, answer.revision)
+                acked[revision] = change
                 if len(acked) >= count:
                     kill.set()
                 i += 1
@@ -56,7 +53,7 @@ async def write_until_killed(
     return acked
 
 
-async def killed_under_load(env: Mapping[str, str], count: int) -> tuple[dict[str, tuple[bytes, int]], str]:
+async def killed_under_load(env: Mapping[str, str], count: int) -> tuple[dict[int, Change], str]:
     """Start a node, load it, SIGKILL it mid-load: the acknowledged writes and its epoch."""
     with server_process(env=env) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -68,6 +65,19 @@ async def killed_under_load(env: Mapping[str, str], count: int) -> tuple[dict[st
         acked = await load
         assert server.wait() == -9
     return acked, epoch
+
+
+def final_state(acked: dict[int, Change]) -> dict[str, tuple[bytes, int]]:
+    """The keys these changes leave, with their values and mod revisions (a
+    key set with a TTL has expired)."""
+    state: dict[str, tuple[bytes, int]] = {}
+    for revision in sorted(acked):
+        op, key, value = acked[revision]
+        if op is Op.SET and value is not None and not ttl_key(key):
+            state[key] = (value, revision)
+        else:
+            state.pop(key, None)
+    return state
 
 
 async def read_back(kv: kv_pb2_grpc.KVStub, keys: list[str]) -> dict[str, tuple[bytes, int]]:
@@ -90,11 +100,11 @@ async def test_no_acknowledged_write_is_lost_when_the_node_is_killed(tmp_path: P
         assert "append-only file" in server.log and "replayed" in server.log
         async with grpc.aio.insecure_channel(server.address) as channel:
             kv = kv_pb2_grpc.KVStub(channel)
-            assert await read_back(kv, sorted(acked)) == acked
+            assert await read_back(kv, sorted({key for _, key, _ in acked.values()})) == final_state(acked)
             info = await kv.Info(pb.InfoRequest())
             assert info.epoch == epoch
             # Writes in flight at the kill may be in the file too (never acknowledged): above the last acknowledged.
-            assert info.revision >= max(revision for _, revision in acked.values())
+            assert info.revision >= max(acked)
             after = await kv.Set(pb.SetRequest(key="after-restart", value=b"v"))
             assert after.revision == info.revision + 1
             assert info.aof.enabled and info.aof.fsync_policy == "always" and info.aof.state == "ok"
@@ -102,9 +112,11 @@ async def test_no_acknowledged_write_is_lost_when_the_node_is_killed(tmp_path: P
         assert server.stop() == 0
 
 
-async def consume_until(url: str, queue: str, wanted: set[int], timeout: float = 60) -> dict[int, tuple[Op, str]]:
+async def consume_until(
+    url: str, queue: str, wanted: set[int], decode: Decode, timeout: float = 60
+) -> dict[int, tuple[Op, str]]:
     """Read `queue` until every revision in `wanted` has arrived (deduplicated by
-    node, epoch and revision); return what arrived."""
+    node, epoch and revision), each message read by `decode`; return what arrived."""
     seen: dict[int, tuple[Op, str]] = {}
     connection = await aio_pika.connect(url)
     async with connection:
@@ -113,7 +125,7 @@ async def consume_until(url: str, queue: str, wanted: set[int], timeout: float =
         async with asyncio.timeout(timeout), q.iterator() as messages:
             async for message in messages:
                 async with message.process():
-                    for event in decode_batch(message.body):
+                    for event in decode(message.body):
                         seen.setdefault(event.rev, (event.op, event.key))
                 if wanted <= set(seen):
                     break
@@ -121,8 +133,9 @@ async def consume_until(url: str, queue: str, wanted: set[int], timeout: float =
 
 
 @pytest.mark.usefixtures("grpc_server")
+@pytest.mark.parametrize("cdc_format", FORMATS)
 async def test_no_acknowledged_write_is_missing_from_cdc_after_a_kill_with_the_broker_down(
-    tmp_path: Path, rabbit_broker: RabbitBroker, names: Names
+    tmp_path: Path, rabbit_broker: RabbitBroker, names: Names, cdc_format: str
 ) -> None:
     await asyncio.to_thread(rabbit_broker.stop)
     env = {
@@ -131,13 +144,19 @@ async def test_no_acknowledged_write_is_missing_from_cdc_after_a_kill_with_the_b
         "FLUX_RABBITMQ_URL": rabbit_broker.url,
         "FLUX_CDC_EXCHANGE": names.exchange,
         "FLUX_CDC_QUEUE": names.queue,
+        "FLUX_CDC_FORMAT": cdc_format,
     }
     acked, _ = await killed_under_load(env, 1500)
     await asyncio.to_thread(rabbit_broker.start)
     with server_process(env=env) as server:
-        events = await consume_until(rabbit_broker.url, names.queue, {rev for _, rev in acked.values()})
-        for key, (_, revision) in acked.items():
-            assert events[revision] == (Op.SET, key)
+        # Every revision up to the last acknowledged one: the writes, and the expiries the node recorded.
+        wanted = set(range(1, max(acked) + 1))
+        events = await consume_until(rabbit_broker.url, names.queue, wanted, DECODERS[cdc_format])
+        for revision, (op, key, _) in acked.items():
+            assert events[revision] == (op, key)
+        # Writes are Sets and Deletes of keys without a TTL: the other changes of keys with one are expiries.
+        expiries = [op for op, key in events.values() if ttl_key(key) and op is not Op.SET]
+        assert expiries and set(expiries) == {EXPIRY[cdc_format]}
         assert server.stop() == 0
         assert "the broker confirmed every CDC event" in server.log
 

@@ -1,10 +1,13 @@
 """CDC against a real RabbitMQ: every acknowledged write reaches the queue, in
-order, once after deduplication; the full-queue policies; shutdown flush."""
+order, once after deduplication, in both formats; the full-queue policies;
+shutdown flush. Also the helpers of the other CDC tests: draining a queue,
+deduplicating, and a consumer that reads bodies exactly as Flux-KV's does."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aio_pika
@@ -12,6 +15,8 @@ import grpc
 import jsonschema
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from fluxkv.cdc_events import Event, decode_batch
 from fluxkv.changes import Op
@@ -19,6 +24,7 @@ from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
 from .conftest import BROKER, ROOT, Names, running_node
+from .test_tracing import node_tracing
 
 
 @dataclass
@@ -27,16 +33,97 @@ class Delivered:
     events: list[Event]
 
 
-async def drain(url: str, queue: str) -> list[Delivered]:
-    """Every message in `queue`, taken off it."""
+Decode = Callable[[bytes], list[Event]]
+
+
+@dataclass(frozen=True)
+class FluxKvEvent:
+    """What Flux-KV's consumer unmarshals a message body into."""
+
+    type: int
+    key: str
+    value: str | None
+
+
+def flux_kv_decode(body: bytes) -> FluxKvEvent:
+    """Decode a body as Flux-KV's consumer does, and strictly: it must be one
+    JSON object with `type` 0 (set) or 1 (delete), a string `key` and `value`,
+    a string, or null for a delete (and for a set whose value is not UTF-8,
+    which FluxKV adds in `value_b64`)."""
+    event = orjson.loads(body)
+    assert isinstance(event, dict), f"not one JSON object: {body[:80]!r}"
+    kind, key = event.get("type"), event.get("key")
+    assert type(kind) is int and kind in (0, 1), f"type {kind!r}: {body[:80]!r}"
+    assert isinstance(key, str), f"key {key!r}: {body[:80]!r}"
+    assert "value" in event, f"no value: {body[:80]!r}"
+    value = event["value"]
+    if kind == 1 or value is None:
+        assert value is None and (kind == 1) != isinstance(event.get("value_b64"), str), body[:80]
+    else:
+        assert isinstance(value, str), f"value {value!r}: {body[:80]!r}"
+    return FluxKvEvent(kind, key, value)
+
+
+def as_flux_kv_consumer(body: bytes) -> list[Event]:
+    """A body decoded as Flux-KV's consumer does (flux_kv_decode), checked
+    against FluxKV's reading of it, which also gives rev, node and epoch."""
+    seen = flux_kv_decode(body)
+    [event] = decode_batch(body)
+    try:
+        text = event.value.decode() if event.value is not None else None
+    except UnicodeDecodeError:
+        text = None  # in value_b64
+    assert (seen.type, seen.key, seen.value) == (0 if event.op is Op.SET else 1, event.key, text)
+    return [event]
+
+
+async def drain(url: str, queue: str, decode: Decode = decode_batch) -> list[Delivered]:
+    """Every message in `queue` (which nothing publishes to any more), taken off
+    it, with its events as `decode` reads them. Consumed rather than fetched one
+    by one: with one message per change, a queue can hold thousands."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        q = await channel.get_queue(queue)
-        out = []
-        while (message := await q.get(no_ack=True, fail=False)) is not None:
-            out.append(Delivered(message, decode_batch(message.body)))
+        q = await channel.declare_queue(queue, passive=True)
+        count = q.declaration_result.message_count
+        assert count is not None
+        out: list[Delivered] = []
+        if count:
+            async with q.iterator(no_ack=True) as messages:
+                async for message in messages:
+                    out.append(Delivered(message, decode(message.body)))
+                    if len(out) == count:
+                        break
         return out
+
+
+Change = tuple[Op, str, bytes | None]
+# What each format carries of a change: Flux-KV's knows no expiry.
+FORMATS = ("fluxkv", "flux-kv")
+DECODERS: dict[str, Decode] = {"fluxkv": decode_batch, "flux-kv": as_flux_kv_consumer}
+EXPIRY: dict[str, Op] = {"fluxkv": Op.EXPIRE, "flux-kv": Op.DELETE}
+
+
+def ttl_key(key: str) -> bool:
+    """Whether write_mixed set `key` with a TTL."""
+    return key.endswith("/ttl")
+
+
+async def write_mixed(kv: kv_pb2_grpc.KVStub, prefix: str, i: int) -> tuple[int, Change]:
+    """Write number i of a load of sets, deletes and expiries: every tenth
+    write deletes the key of the write before it, another tenth sets a key
+    (ttl_key) with a 1 ms TTL, which the node then expires. Returns the
+    revision and the change."""
+    key = f"{prefix}{i}"
+    if i % 10 == 9:
+        deleted = await kv.Delete(pb.DeleteRequest(key=f"{prefix}{i - 1}"), timeout=30)
+        assert deleted.deleted
+        return deleted.revision, (Op.DELETE, f"{prefix}{i - 1}", None)
+    ttl_ms = 1 if i % 10 == 4 else 0
+    key += "/ttl" if ttl_ms else ""
+    value = key.encode() if i % 10 != 6 else b"\xff" + key.encode()  # some values are not UTF-8
+    written = await kv.Set(pb.SetRequest(key=key, value=value, ttl_ms=ttl_ms), timeout=30)
+    return written.revision, (Op.SET, key, value)
 
 
 def deduplicated(delivered: list[Delivered]) -> list[Event]:
@@ -158,3 +245,35 @@ async def test_drop_policy_accepts_writes_and_counts_the_dropped_events(names: N
         info = await kv.Info(pb.InfoRequest())
     assert (info.revision, info.cdc.queued, info.cdc.dropped, info.cdc.queue_depth) == (25, 10, 15, 10)
     assert info.cdc.writes_refused == 0
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_flux_kv_format_publishes_a_message_per_change_and_confirms_them_in_batches(names: Names) -> None:
+    exporter = InMemorySpanExporter()
+    async with running_node(node_tracing(exporter, 1.0), **cdc(names, cdc_format="flux-kv")) as (node, kv):
+        acked = dict([await write_mixed(kv, "k", i) for i in range(20)])
+        await asyncio.sleep(0.01)  # let the TTLs pass; reading the keys then expires them
+        for _, key, _ in acked.values():
+            if ttl_key(key):
+                assert not (await kv.Get(pb.GetRequest(key=key))).found
+        items = [pb.SetRequest(key=f"m{i}", value=b"v") for i in range(100)]
+        await kv.MultiSet(pb.MultiSetRequest(items=items))  # 100 changes at once: published together
+        node_id, epoch, final = node.node_id, node.store.epoch, node.store.revision
+    delivered = await drain(BROKER, names.queue, as_flux_kv_consumer)
+    events = [e for d in delivered for e in d.events]  # one per message; published once, so no duplicates
+    assert [e.rev for e in events] == list(range(1, final + 1))
+    for e in events:
+        if e.rev in acked:
+            assert (e.op, e.key, e.value) == acked[e.rev]
+        elif e.key.startswith("m"):
+            assert (e.op, e.value) == (Op.SET, b"v")
+        else:  # an expiry, which Flux-KV's format carries as a delete
+            assert e.op is Op.DELETE and ttl_key(e.key)
+    for d in delivered:
+        m, rev = d.message, d.events[0].rev
+        assert (m.content_type, m.delivery_mode, m.routing_key) == ("application/json", 2, node_id)
+        assert (m.type, m.app_id, m.message_id) == ("flux-kv", "fluxkv", f"{node_id}/{epoch}/{rev}-{rev}")
+    publishes = [s.attributes for s in exporter.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    assert all(a is not None and a["messaging.batch.message_count"] == a["fluxkv.cdc.events"] for a in publishes)
+    assert sum(a["fluxkv.cdc.events"] for a in publishes if a is not None) == final
+    assert max(a["messaging.batch.message_count"] for a in publishes if a is not None) >= 100

@@ -1,7 +1,8 @@
 """CDC through a broker that dies: a private RabbitMQ node is killed (SIGKILL)
-in the middle of a write load and started again; every acknowledged write
-must then be in the queue. Also: writes blocked by a full queue go through
-once the broker comes back."""
+in the middle of a load of sets, deletes and expiries and started again;
+every acknowledged write and every expiry must then be in the queue, in both
+formats (with flux-kv, read as Flux-KV's consumer reads it). Also: writes
+blocked by a full queue go through once the broker comes back."""
 
 from __future__ import annotations
 
@@ -15,29 +16,34 @@ from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import Names, running_node
-from .test_cdc import deduplicated, drain
+from .test_cdc import DECODERS, EXPIRY, FORMATS, Change, deduplicated, drain, ttl_key, write_mixed
 
 pytestmark = pytest.mark.usefixtures("grpc_server")
 
 QUEUE = Names("flux_kv_events", "flux_cdc_file_logger")
 
 
+@pytest.mark.parametrize("cdc_format", FORMATS)
 async def test_no_acknowledged_write_is_lost_when_the_broker_is_killed_and_restarted(
-    rabbit_broker: RabbitBroker, caplog: pytest.LogCaptureFixture
+    rabbit_broker: RabbitBroker, caplog: pytest.LogCaptureFixture, cdc_format: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="fluxkv")
-    acked: dict[int, tuple[str, bytes]] = {}
+    acked: dict[int, Change] = {}
     milestones = {300: asyncio.Event(), 900: asyncio.Event()}
     stop = asyncio.Event()
-    settings = {"rabbitmq_url": rabbit_broker.url, "cdc_linger_ms": 2, "cdc_flush_timeout_s": 60.0}
+    settings = {
+        "rabbitmq_url": rabbit_broker.url,
+        "cdc_linger_ms": 2,
+        "cdc_flush_timeout_s": 60.0,
+        "cdc_format": cdc_format,
+    }
     async with running_node(**settings) as (node, kv):
 
         async def writer(w: int) -> None:
             i = 0
             while not stop.is_set():
-                key, value = f"w{w}-{i}", f"{w}:{i}".encode()
-                r = await kv.Set(pb.SetRequest(key=key, value=value), timeout=30)
-                acked[r.revision] = (key, value)
+                revision, change = await write_mixed(kv, f"w{w}-", i)
+                acked[revision] = change
                 for count, reached in milestones.items():
                     # The broker is killed once the publisher is connected
                     # (it has confirms), so that it really loses the broker.
@@ -52,15 +58,23 @@ async def test_no_acknowledged_write_is_lost_when_the_broker_is_killed_and_resta
         await milestones[900].wait()
         stop.set()
         await asyncio.gather(*writers)
+        await asyncio.sleep(0.01)  # let the last TTLs pass; reading a key then expires it if the node has not
+        expiring = sorted(key for _, key, _ in acked.values() if ttl_key(key))
+        for key in expiring:
+            assert not (await kv.Get(pb.GetRequest(key=key))).found
         final = node.store.revision
     # The node stopped: it published and the broker confirmed everything.
     assert "CDC lost the broker" in caplog.text
     assert "the broker confirmed every CDC event" in caplog.text
-    events = deduplicated(await drain(rabbit_broker.url, QUEUE.queue))
+    events = deduplicated(await drain(rabbit_broker.url, QUEUE.queue, DECODERS[cdc_format]))
     assert [e.rev for e in events] == list(range(1, final + 1))
-    by_rev = {e.rev: e for e in events}
-    for rev, (key, value) in acked.items():
-        assert (by_rev[rev].op, by_rev[rev].key, by_rev[rev].value) == (Op.SET, key, value)
+    assert expiring and {Op.SET, Op.DELETE} <= {op for op, _, _ in acked.values()}
+    for e in events:
+        if e.rev not in acked:
+            assert (e.op, e.value) == (EXPIRY[cdc_format], None) and ttl_key(e.key), e
+        else:
+            assert (e.op, e.key, e.value) == acked[e.rev]
+    assert sorted(e.key for e in events if e.rev not in acked) == expiring
 
 
 async def test_writes_blocked_by_a_full_queue_succeed_once_the_broker_returns(rabbit_broker: RabbitBroker) -> None:

@@ -1,6 +1,7 @@
 """The CDC consumer: the deduplicator's exactly-once property, and the
 CdcConsumer API and the fluxkv-cdc program against a real RabbitMQ, fed with
-crafted batches (duplicates, republished ranges, two nodes, two epochs)."""
+crafted batches (duplicates, republished ranges, two nodes, two epochs, both
+formats in one queue)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from hypothesis import strategies as st
 
 from fluxkv.cdc_consumer import CdcConsumer, CdcError, PoisonMessageError
 from fluxkv.cdc_dedup import WINDOW, Deduplicator
-from fluxkv.cdc_events import CONTENT_TYPE, encode_event, join_events
+from fluxkv.cdc_events import CONTENT_TYPE, decode_batch, encode_event, encode_flux_kv, join_events
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.private_servers import RabbitBroker
+from fluxkv.store import shard_of
 
 from .conftest import BROKER, ROOT, Names
 
@@ -118,12 +120,25 @@ def test_the_least_recently_used_stream_is_forgotten_beyond_max_streams() -> Non
 # -- crafted batches ----------------------------------------------------------------
 
 
-def event(node: str, epoch: str, rev: int, op: Op = Op.SET, value: bytes = b"", expires_at_ms: int = 0) -> bytes:
+def event(
+    node: str,
+    epoch: str,
+    rev: int,
+    op: Op = Op.SET,
+    value: bytes = b"",
+    expires_at_ms: int = 0,
+    encode: Callable[[ChangeRecord, str, str], bytes] = encode_event,
+) -> bytes:
     value = value or f"value {rev}".encode()
     record = ChangeRecord(
         rev, op, f"{node}/{rev}", value if op is Op.SET else None, expires_at_ms, 1_763_800_000_000, 7
     )
-    return encode_event(record, node, epoch)
+    return encode(record, node, epoch)
+
+
+def flux_kv(node: str, epoch: str, rev: int, op: Op = Op.SET, value: bytes = b"") -> tuple[str, bytes]:
+    """(routing key, body) of a message of one change in Flux-KV's format."""
+    return node, event(node, epoch, rev, op, value, encode=encode_flux_kv)
 
 
 def batch(node: str, epoch: str, revs: Iterable[int]) -> tuple[str, bytes]:
@@ -162,10 +177,10 @@ def first_arrivals(batches: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
     seen: set[tuple[str, str, int]] = set()
     out = []
     for _, body in batches:
-        for e in orjson.loads(body):
-            if (e["node"], e["epoch"], e["rev"]) not in seen:
-                seen.add((e["node"], e["epoch"], e["rev"]))
-                out.append(e)
+        for e in decode_batch(body):
+            if (e.node, e.epoch, e.rev) not in seen:
+                seen.add((e.node, e.epoch, e.rev))
+                out.append(e.raw)
     return out
 
 
@@ -371,6 +386,15 @@ def line_count(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+async def write_to_file(names: Names, out: Path, count: int) -> CdcProcess:
+    """Run fluxkv-cdc --output `out` until the file holds `count` events, then
+    stop it with SIGTERM (it must exit 0); returns it, for its log."""
+    with fluxkv_cdc(names, "--output", str(out)) as cdc:
+        await wait_until(lambda: line_count(out) >= count, f"{count} events are written", lambda: cdc.log)
+        assert await cdc.exit_status(signal.SIGTERM) == 0
+    return cdc
+
+
 async def test_the_program_appends_each_event_once_to_the_file_and_stops_on_sigterm(
     names: Names, tmp_path: Path
 ) -> None:
@@ -379,9 +403,7 @@ async def test_the_program_appends_each_event_once_to_the_file_and_stops_on_sigt
     await declare_like_a_node(names)
     await publish(names, batches)  # before the consumer starts: the queue keeps them
     out = tmp_path / "events.jsonl"
-    with fluxkv_cdc(names, "--output", str(out)) as cdc:
-        await wait_until(lambda: line_count(out) >= len(expected), "all events are written", lambda: cdc.log)
-        assert await cdc.exit_status(signal.SIGTERM) == 0
+    cdc = await write_to_file(names, out, len(expected))
     assert lines(out) == expected
     await wait_until_queue_holds(0, names.queue)
     # One log line per lifecycle event, none per event.
@@ -392,6 +414,51 @@ async def test_the_program_appends_each_event_once_to_the_file_and_stops_on_sigt
         "stopped;",
     ]
     assert f"stopped; {len(expected)} events written" in cdc.log
+
+
+async def test_the_program_reads_a_queue_of_both_formats_and_writes_version_1_lines(
+    names: Names, tmp_path: Path
+) -> None:
+    # Node A publishes in fluxkv's format, then restarts with flux-kv and its
+    # append-only file publishes 8-15 again in that format; node B publishes
+    # in flux-kv's, with a value that is not UTF-8, a delete (twice) and an expiry.
+    before = [
+        batch("A", "a1", range(1, 11)),
+        flux_kv("B", "b1", 1),
+        flux_kv("B", "b1", 2, value=b"\xff\x00"),
+        *(flux_kv("A", "a1", rev) for rev in range(8, 16)),
+        flux_kv("B", "b1", 3, Op.DELETE),
+        flux_kv("B", "b1", 3, Op.DELETE),
+        flux_kv("B", "b1", 4, Op.EXPIRE),
+    ]
+    # After a restart of fluxkv-cdc: its file tells which of these it has.
+    after = [flux_kv("A", "a1", 15), batch("A", "a1", range(14, 18)), flux_kv("B", "b1", 4, Op.EXPIRE)]
+    expected = first_arrivals(before + after)
+    assert [(e["node"], e["rev"]) for e in expected] == [
+        *(("A", rev) for rev in range(1, 11)),
+        ("B", 1),
+        ("B", 2),
+        *(("A", rev) for rev in range(11, 16)),
+        ("B", 3),
+        ("B", 4),
+        ("A", 16),
+        ("A", 17),
+    ]
+    await declare_like_a_node(names)
+    await publish(names, before)
+    out = tmp_path / "events.jsonl"
+    await write_to_file(names, out, 19)
+    await publish(names, after)
+    cdc = await write_to_file(names, out, len(expected))
+    assert "19 events already there" in cdc.log
+    assert lines(out) == expected
+    await wait_until_queue_holds(0, names.queue)
+    # A Flux-KV event is written as the version-1 event it says: no expiry (a del), no TTL, the key's shard.
+    b = {e["rev"]: e for e in expected if e["node"] == "B"}
+    common = {"v": 1, "node": "B", "epoch": "b1", "ts_ms": 1_763_800_000_000}
+    assert b[1] == {**common, "op": "set", "rev": 1, "shard": shard_of("B/1"), "key": "B/1", "value": "value 1"}
+    assert b[2] == {**common, "op": "set", "rev": 2, "shard": shard_of("B/2"), "key": "B/2", "value_b64": "/wA="}
+    assert b[4] == {**common, "op": "del", "rev": 4, "shard": shard_of("B/4"), "key": "B/4"}
 
 
 async def test_the_program_writes_json_lines_to_stdout(names: Names) -> None:
@@ -421,9 +488,7 @@ async def test_a_restart_after_kill_9_leaves_each_event_once_in_the_file(names: 
         await wait_until(lambda: line_count(out) >= 1000, "1000 events are written", lambda: cdc.log)
         assert await cdc.exit_status(signal.SIGKILL) == -signal.SIGKILL
     assert line_count(out) < 4000, "the consumer was too quick for this test"
-    with fluxkv_cdc(names, "--output", str(out)) as cdc:
-        await wait_until(lambda: line_count(out) >= 4000, "all events are written", lambda: cdc.log)
-        assert await cdc.exit_status(signal.SIGTERM) == 0
+    await write_to_file(names, out, 4000)
     assert [e["rev"] for e in lines(out)] == list(range(1, 4001))
     await wait_until_queue_holds(0, names.queue)
 
@@ -437,9 +502,7 @@ async def test_events_already_in_the_file_are_not_written_again(names: Names, tm
     out.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in expected[:12]))
     await declare_like_a_node(names)
     await publish(names, batches)
-    with fluxkv_cdc(names, "--output", str(out)) as cdc:
-        await wait_until(lambda: line_count(out) >= len(expected), "all events are written", lambda: cdc.log)
-        assert await cdc.exit_status(signal.SIGTERM) == 0
+    cdc = await write_to_file(names, out, len(expected))
     assert "12 events already there" in cdc.log
     assert lines(out) == expected
 
@@ -453,9 +516,7 @@ async def test_a_torn_last_line_is_cut_off_and_written_again(names: Names, tmp_p
     out.write_bytes(complete + torn)
     await declare_like_a_node(names)
     await publish(names, batches)
-    with fluxkv_cdc(names, "--output", str(out)) as cdc:
-        await wait_until(lambda: line_count(out) >= len(expected), "all events are written", lambda: cdc.log)
-        assert await cdc.exit_status(signal.SIGTERM) == 0
+    cdc = await write_to_file(names, out, len(expected))
     assert f"5 events already there; cut off a torn last line of {len(torn)} bytes" in cdc.log
     assert lines(out) == expected
 
@@ -492,7 +553,7 @@ async def test_a_poison_message_exits_1_after_writing_the_events_before_it(names
     out = tmp_path / "events.jsonl"
     with fluxkv_cdc(names, "--output", str(out)) as cdc:
         assert await cdc.exit_status() == 1
-    assert "not a batch of version-1 CDC events" in cdc.err[-1] and "not JSON" in cdc.err[-1]
+    assert "neither a batch of version-1 CDC events nor a Flux-KV event" in cdc.err[-1] and "not JSON" in cdc.err[-1]
     assert [e["rev"] for e in lines(out)] == [1, 2]
     await wait_until_queue_holds(1, names.queue)
 

@@ -1,5 +1,6 @@
-"""Pure logic of CDC: the event encoding round trip and the queue's bounds,
-policies and admission order (no broker involved)."""
+"""Pure logic of CDC: the event encodings (fluxkv's and Flux-KV's) and their
+round trips, and the queue's bounds, policies and admission order (no broker
+involved)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fluxkv.cdc_events import SchemaError, decode_batch, encode_event, join_events
+from fluxkv.cdc_events import SchemaError, decode_batch, encode_event, encode_flux_kv, join_events
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.errors import ErrorKind, KVError
+from fluxkv.store import shard_of
+
+from .test_cdc import FluxKvEvent, flux_kv_decode
 
 records = st.builds(
     ChangeRecord,
@@ -50,11 +54,85 @@ def test_a_value_that_is_not_utf8_travels_as_base64_and_text_as_text() -> None:
     assert "value" not in deleted and "value_b64" not in deleted
 
 
+@given(records)
+def test_a_flux_kv_body_is_what_flux_kvs_consumer_reads_and_fluxkv_reads_back(record: ChangeRecord) -> None:
+    body = encode_flux_kv(record, "node-1", "epoch-1")
+    try:
+        text = record.value.decode() if record.value is not None else None
+    except UnicodeDecodeError:
+        text = None
+    assert flux_kv_decode(body) == FluxKvEvent(0 if record.op is Op.SET else 1, record.key, text)
+    [event] = decode_batch(body)
+    # An expiry is a delete; the TTL of a set is not carried.
+    op = Op.DELETE if record.op is Op.EXPIRE else record.op
+    assert (event.rev, event.op, event.key, event.value, event.ts_ms, event.expires_at_ms) == (
+        record.revision,
+        op,
+        record.key,
+        record.value,
+        record.ts_ms,
+        0,
+    )
+    assert (event.node, event.epoch, event.shard) == ("node-1", "epoch-1", shard_of(record.key))
+    # What fluxkv-cdc writes for it: a version-1 event, which reads back as itself.
+    assert decode_batch(join_events([orjson.dumps(event.raw)])) == [event]
+
+
+def test_flux_kv_bodies_of_a_set_a_binary_value_a_delete_and_an_expiry() -> None:
+    def body(record: ChangeRecord) -> dict[str, object]:
+        decoded = orjson.loads(encode_flux_kv(record, "n", "e"))
+        assert isinstance(decoded, dict)
+        return decoded
+
+    extras = {"node": "n", "epoch": "e", "ts_ms": 5}
+    assert body(ChangeRecord(1, Op.SET, "k", "héllo".encode(), 9_000, 5, 3)) == {
+        "type": 0,
+        "key": "k",
+        "value": "héllo",
+        "rev": 1,
+        **extras,
+    }
+    assert body(ChangeRecord(2, Op.SET, "k", b"\xff\xfe", 0, 5, 3)) == {
+        "type": 0,
+        "key": "k",
+        "value": None,
+        "rev": 2,
+        **extras,
+        "value_b64": "//4=",
+    }
+    for rev, op in ((3, Op.DELETE), (4, Op.EXPIRE)):
+        assert body(ChangeRecord(rev, op, "k", None, 0, 5, 3)) == {
+            "type": 1,
+            "key": "k",
+            "value": None,
+            "rev": rev,
+            **extras,
+        }
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"type": 2, "key": "k", "value": null}', "type 2; expected 0 .set. or 1 .delete."),
+        (b'{"type": 1.0, "key": "k", "value": null}', "type 1.0; expected"),
+        (b'{"type": 0, "key": "k", "value": "v"}', "lacks FluxKV's rev, node, epoch, ts_ms, without which"),
+        (b'{"type": 0, "key": "k", "value": "v", "rev": 1, "node": "n", "ts_ms": 0}', "lacks FluxKV's epoch"),
+        (b'{"type": 0, "key": 7, "value": "v", "rev": 1, "node": "n", "epoch": "e", "ts_ms": 0}', "key should be"),
+        (b'{"type": 0, "key": "k", "value": null, "rev": 1, "node": "n", "epoch": "e", "ts_ms": 0}', "needs a value"),
+        (b'{"type": 1, "key": "k", "value": "v", "rev": 1, "node": "n", "epoch": "e", "ts_ms": 0}', "must not have"),
+        (b'{"type": 0, "key": "k", "value": "v", "rev": "1", "node": "n", "epoch": "e", "ts_ms": 0}', "'rev' should"),
+    ],
+)
+def test_a_flux_kv_body_fluxkv_cannot_read_is_refused_with_the_reason(body: bytes, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        decode_batch(body)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         (b"{", "not JSON"),
-        (b'{"v": 1}', "not an array"),
+        (b'{"v": 1}', "neither an array of events nor a Flux-KV event"),
         (b"[1]", "event 0 is a JSON int"),
         (b'[{"v": 2, "op": "set"}]', "schema version 2"),
         (
