@@ -38,7 +38,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unary_set import Run, Server, interrupt, row, summarize  # noqa: E402
+from unary_set import NODE_ENV, Run, Server, interrupt, row, summarize  # noqa: E402
 from unary_set import bench as alternating_rounds  # noqa: E402
 
 from fluxkv import aof_format, bench_load  # noqa: E402
@@ -100,8 +100,8 @@ MODES = {
 
 
 def start_node(stack: ExitStack, name: str, env: dict[str, str]) -> Server:
-    """A `fluxkv-server --port 0` child, stopped when `stack` closes."""
-    server = Server(name, NODE, {"FLUX_AOF_FILENAME": "", **NO_AUTO_REWRITE, **env})
+    """A `fluxkv-server --port 0` child (its admin port a free one), stopped when `stack` closes."""
+    server = Server(name, NODE, {"FLUX_AOF_FILENAME": "", **NODE_ENV, **NO_AUTO_REWRITE, **env})
     stack.callback(server.stop)
     return server
 
