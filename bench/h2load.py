@@ -19,6 +19,7 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,6 @@ METHOD = "/fluxkv.v1.KV/Set"
 KEY = "h2load"
 INSTALL = "apt-get install nghttp2-client"
 TIMEOUT_S = 600.0
-_FINISHED = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
 _REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
 
 
@@ -59,38 +59,53 @@ class H2loadRun:
     client_cpu_us_per_call: float
 
 
-def h2load(address: str, calls: int, connections: int, streams: int, value_size: int, server_pid: int) -> H2loadRun:
-    """`calls` unary Sets to `address` over `connections` connections with up to `streams`
-    calls in flight on each; server CPU per call from /proc of `server_pid` (and its children)."""
+def h2load(
+    addresses: Sequence[str], calls: int, connections: int, streams: int, value_size: int, server_pid: int
+) -> H2loadRun:
+    """`calls` unary Sets to each of `addresses` at once (one h2load process each, say one per
+    worker), over `connections` connections with up to `streams` calls in flight on each; server
+    CPU per call from /proc of `server_pid` and its descendants (the workers)."""
     tool = shutil.which("h2load")
     if tool is None:
         raise H2loadMissing(f"h2load is not on PATH (Debian: {INSTALL})")
     with tempfile.TemporaryDirectory(prefix="fluxkv-h2load-") as tmp:
-        body, log = Path(tmp) / "body", Path(tmp) / "log.tsv"
+        body = Path(tmp) / "body"
         body.write_bytes(set_body(value_size))
-        argv = [tool, "-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1",
-                "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
-                f"--log-file={log}", f"http://{address}{METHOD}"]  # fmt: skip
+        logs = [Path(tmp) / f"log-{i}.tsv" for i in range(len(addresses))]
         server_before, client_before = cpu_seconds(server_pid), _children_cpu_s()
         started = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+        options = ["-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body),
+                   "-H", "content-type: application/grpc", "-H", "te: trailers"]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [tool, *options, f"--log-file={log}", f"http://{address}{METHOD}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for address, log in zip(addresses, logs, strict=True)
+        ]
+        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
         seconds = time.perf_counter() - started
         server_cpu, client_cpu = cpu_seconds(server_pid) - server_before, _children_cpu_s() - client_before
-        finished, counts = _FINISHED.search(done.stdout), _REQUESTS.search(done.stdout)
-        if done.returncode != 0 or finished is None or counts is None:
-            raise RuntimeError(f"h2load failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
-        latencies_ms = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines())
-    succeeded = int(counts.group(3))
+        succeeded = 0
+        for proc, (out, err) in zip(procs, outputs, strict=True):
+            counts = _REQUESTS.search(out)
+            if proc.returncode != 0 or counts is None:
+                raise RuntimeError(f"h2load failed (exit {proc.returncode}): {(err or out).strip()}")
+            succeeded += int(counts.group(3))
+        latencies_ms = sorted(int(line.split("\t")[2]) / 1000 for log in logs for line in log.read_text().splitlines())
+    total = calls * len(addresses)
     return H2loadRun(
-        calls=calls,
+        calls=total,
         succeeded=succeeded,
         seconds=seconds,
-        calls_per_s=float(finished.group(1)),
+        calls_per_s=total / seconds,
         mean_ms=statistics.fmean(latencies_ms),
         p50_ms=latencies_ms[len(latencies_ms) // 2],
         p99_ms=latencies_ms[min(len(latencies_ms) - 1, int(len(latencies_ms) * 0.99))],
-        server_cpu_us_per_call=server_cpu / calls * 1e6,
-        client_cpu_us_per_call=client_cpu / calls * 1e6,
+        server_cpu_us_per_call=server_cpu / total * 1e6,
+        client_cpu_us_per_call=client_cpu / total * 1e6,
     )
 
 

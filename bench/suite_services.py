@@ -168,7 +168,7 @@ def h2load_set(server_pid: int, address: str, concurrency: int, requests: int, v
     its figures in fluxkv-bench's JSON shape."""
     connections = 2
     try:
-        run = h2load(address, requests, connections, max(1, concurrency // connections), value_size, server_pid)
+        run = h2load([address], requests, connections, max(1, concurrency // connections), value_size, server_pid)
     except H2loadMissing as exc:
         raise Unavailable(str(exc)) from None
     return {

@@ -8,7 +8,8 @@ with a gRPC error as a success, the node's revision does not. Every server runs 
 the event loop a node would choose (FLUX_EVENT_LOOP=auto); with --event-loop
 asyncio --event-loop uvloop, each runs on each of those loops instead. With
 --cdc-url, a node on pygrpc-native with CDC on (publishing to that broker) joins
-the rounds, so CDC's cost is measured without a Python client in the way.
+the rounds, so CDC's cost is measured without a Python client in the way; with
+--workers N, a native `fluxkv-server --workers N`, one h2load per worker at once.
 
     .venv/bin/python bench/transport.py [--calls 100000] [--rounds 3] [--event-loop L ...] [--json FILE]
 
@@ -51,7 +52,7 @@ def loop_suffix(event_loop: str) -> str:
     return "" if event_loop == "auto" else f"+{event_loop}"
 
 
-def servers(event_loops: list[str], cdc_url: str | None, cdc_names: str) -> list[Server]:
+def servers(event_loops: list[str], cdc_url: str | None, cdc_names: str, workers: int) -> list[Server]:
     """The servers to compare, in the order each round measures them."""
     started = []
     for loop in event_loops:
@@ -66,6 +67,10 @@ def servers(event_loops: list[str], cdc_url: str | None, cdc_names: str) -> list
         node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--event-loop", event_loops[0]]
         env = {"FLUX_RABBITMQ_URL": cdc_url, "FLUX_CDC_EXCHANGE": cdc_names, "FLUX_CDC_QUEUE": cdc_names}
         started.append(Server(CDC_NODE, node, {**NODE_ENV, **env}))
+    if workers > 1:
+        node = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", "--event-loop", event_loops[0],
+                "--workers", str(workers)]  # fmt: skip
+        started.append(Server(f"{NODE}-native-workers{workers}", node, NODE_ENV, servers=workers))
     for server in started:
         server.wait_ready()
     return started
@@ -109,13 +114,19 @@ def report(
             node, noop = (median_run(runs[f"{kind}-{grpc_server}{tag}"]) for kind in (NODE, NOOP))
             own = node.server_cpu_us_per_call - noop.server_cpu_us_per_call
             print(f"FluxKV's own cost on {grpc_server}{tag}: {own:.0f} µs of server CPU per call (node minus no-op)")
-    if CDC_NODE in runs:  # against the node on the same loop
-        cdc_off = f"{NODE}-native{loop_suffix((args.event_loop or ['auto'])[0])}"
-        on, off = median_run(runs[CDC_NODE]), median_run(runs[cdc_off])
-        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[CDC_NODE], runs[cdc_off], strict=True)]
+    # The CDC node and the workers run on the first event loop: compared with the native node on it.
+    single = f"{NODE}-native{loop_suffix((args.event_loop or ['auto'])[0])}"
+    if CDC_NODE in runs:
+        on, off = median_run(runs[CDC_NODE]), median_run(runs[single])
+        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[CDC_NODE], runs[single], strict=True)]
         print(f"CDC on / off on native: {statistics.median(ratios):.2f}x the calls/s (rounds {min(ratios):.2f}-"
               f"{max(ratios):.2f}), {on.server_cpu_us_per_call - off.server_cpu_us_per_call:+.0f} µs of server CPU "
               "per call (the broker's CPU not counted)")  # fmt: skip
+    if args.workers > 1:
+        many = f"{NODE}-native-workers{args.workers}"
+        ratios = [x.calls_per_s / y.calls_per_s for x, y in zip(runs[many], runs[single], strict=True)]
+        print(f"{args.workers} workers / 1: {statistics.median(ratios):.2f}x the calls/s "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
     for name, check in checks.items():
         print(f"{name}: {check}")
 
@@ -124,27 +135,25 @@ async def main_async(args: argparse.Namespace) -> int:
     info = machine()
     info["pygrpc_native"] = pygrpc_native.__version__
     cdc_names = f"fluxkv-bench-{uuid.uuid4().hex[:8]}"
-    started = servers(args.event_loop or ["auto"], args.cdc_url, cdc_names)
+    started = servers(args.event_loop or ["auto"], args.cdc_url, cdc_names, args.workers)
     try:
         sent = {s.name: 0 for s in started}
         runs: dict[str, list[H2loadRun]] = {s.name: [] for s in started}
+        load = (args.connections, args.streams, args.value_size)
         for server in started:  # warm-up, not measured
-            h2load(server.address, args.calls // 10, args.connections, args.streams, args.value_size, server.proc.pid)
-            sent[server.name] += args.calls // 10
+            sent[server.name] += h2load(server.addresses, args.calls // 10, *load, server.proc.pid).calls
         for rnd in range(1, args.rounds + 1):
             for server in started:
-                run = h2load(
-                    server.address, args.calls, args.connections, args.streams, args.value_size, server.proc.pid
-                )
+                run = h2load(server.addresses, args.calls, *load, server.proc.pid)
                 server.check_alive()
-                sent[server.name] += args.calls
+                sent[server.name] += run.calls
                 runs[server.name].append(run)
                 print(f"round {rnd}  {server.name:<22} {run.calls_per_s:>9,.0f} calls/s  "
                       f"{run.server_cpu_us_per_call:6.0f} µs server CPU per call", flush=True)  # fmt: skip
         checks, failed = {}, False
         for server in started:
             if server.name.startswith(NODE):
-                got = await revision(server.address)
+                got = sum([await revision(address) for address in server.addresses])
                 ok = got == sent[server.name]
                 failed |= not ok
                 verdict = "every call applied" if ok else "calls FAILED"
@@ -165,7 +174,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--calls", type=int, default=100_000, help="calls per server per round (default 100000)")
+    p.add_argument("--calls", type=int, default=100_000, help="calls per server (worker) and round (default 100000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server once (default 3)")
     p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
     p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
@@ -177,6 +186,7 @@ def main() -> int:
         help="run every server on this event loop (FLUX_EVENT_LOOP); repeatable (default: auto alone)",
     )
     p.add_argument("--cdc-url", metavar="AMQP_URL", help="also measure a native node with CDC on, to this broker")
+    p.add_argument("--workers", type=int, default=1, help="also measure a native node with N workers (default: none)")
     p.add_argument("--json", metavar="FILE", help="append the result to FILE as one JSON line")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, interrupt)
