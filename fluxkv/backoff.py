@@ -1,6 +1,7 @@
 """Exponential backoff with jitter, for every loop that tries again: the CDC
-publisher's and consumer's reconnects, etcd discovery and registration, and
-the workers' restarts.
+publisher's and consumer's reconnects, etcd discovery and registration, the
+workers' restarts, and the client SDK's Retry, which draws with
+jittered_delay alone (its documented first wait, 0.05-0.1 s, has no floor).
 
 The n-th wait in a row (n = 0, 1, ...) has the cap min(max_s, base_s * 2**n)
 and is drawn with "equal jitter" (AWS Architecture Blog, "Exponential Backoff

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fluxkv.backoff import Backoff, jittered_delay, wait_or_stop
+from fluxkv.client import Retry
 
 seconds = st.floats(0.001, 100.0)
 
@@ -69,6 +70,14 @@ def test_an_outage_of_any_length_keeps_waiting_at_most_the_maximum() -> None:
 def test_bounds_that_make_no_backoff_are_refused(min_s: float, max_s: float) -> None:
     with pytest.raises(ValueError, match="0 < min_s <= max_s"):
         Backoff(min_s, max_s)
+
+
+def test_the_clients_retry_waits_what_its_docs_say() -> None:
+    # README: 0.05-0.1, 0.1-0.2 and 0.2-0.4 s; then at most max_backoff_s (1 s).
+    retry = Retry()
+    for failed, (low, high) in enumerate([(0.05, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.8), (0.5, 1.0)], 1):
+        assert all(low <= retry.delay(failed) <= high for _ in range(100))
+    assert Retry(backoff_s=0).delay(3) == 0
 
 
 async def test_wait_or_stop_ends_when_stop_is_set() -> None:
