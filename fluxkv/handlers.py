@@ -17,7 +17,7 @@ from fluxkv import call_context, scan_cursor
 from fluxkv.aof import AofCounters, AppendOnlyFile
 from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
-from fluxkv.changes import ChangeRecord, Op
+from fluxkv.changes import ChangeRecord, Op, change_bytes
 from fluxkv.config import Settings
 from fluxkv.errors import ErrorKind, KVError, invalid, shown
 from fluxkv.forwarding import Router
@@ -155,7 +155,7 @@ class KVHandlers:
         expect = self._limits.set_request(request)
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/fluxkv.v1.KV/Set", request, pb.SetResponse)
-        await self._writes.admit(1, len(request.key) + len(request.value))
+        await self._writes.admit(1, change_bytes(request.key, request.value))
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -171,7 +171,7 @@ class KVHandlers:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/fluxkv.v1.KV/Delete", request, pb.DeleteResponse)
-        await self._writes.admit(1, len(request.key))
+        await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -225,7 +225,7 @@ class KVHandlers:
         size = 0
         for i, item in enumerate(items):
             expects.append(self._limits.set_request(item, f"items[{i}]: "))
-            size += _item_bytes(item)
+            size += change_bytes(item.key, item.value)
         if size > self._limits.max_batch:
             raise invalid(
                 f"MultiSet carries {size} bytes of keys and values, over the limit of "
@@ -237,7 +237,8 @@ class KVHandlers:
 
         async def local(indexes: list[int]) -> list[pb.SetResult]:
             mine = [items[i] for i in indexes]
-            return await self._sets(mine, [expects[i] for i in indexes], sum(_item_bytes(i) for i in mine))
+            size = sum(change_bytes(i.key, i.value) for i in mine)
+            return await self._sets(mine, [expects[i] for i in indexes], size)
 
         async def remote(owner: str, indexes: list[int]) -> list[pb.SetResult]:
             part = pb.MultiSetRequest(items=[items[i] for i in indexes])
@@ -337,7 +338,7 @@ class CompatHandlers:
         self._limits.value(len(value))
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/service.KVService/Set", request, compat_pb2.SetResponse)
-        await self._writes.admit(1, len(request.key) + len(value))
+        await self._writes.admit(1, change_bytes(request.key, value))
         await self._writes.acknowledge(self._store.set(request.key, value).revision)
         return compat_pb2.SetResponse(success=True)
 
@@ -362,15 +363,11 @@ class CompatHandlers:
         self._limits.key(request.key)
         if self._router is not None and (owner := self._router.remote_owner(request.key)):
             return await self._router.forward(owner, "/service.KVService/Del", request, compat_pb2.DelResponse)
-        await self._writes.admit(1, len(request.key))
+        await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key)
         if outcome.existed:
             await self._writes.acknowledge(outcome.revision)
         return compat_pb2.DelResponse(success=True)
-
-
-def _item_bytes(item: pb.SetRequest) -> int:
-    return len(item.key.encode()) + len(item.value)
 
 
 def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
