@@ -8,7 +8,6 @@ transport maps to a status code.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Protocol
@@ -277,10 +276,6 @@ class KVHandlers:
         counts = self._store.shard_key_counts()
         total = sum(counts)
         limits = self._limits
-        counters = self._node.cdc_counters()
-        cdc = pb.CdcStatus(enabled=True, **dataclasses.asdict(counters)) if counters else pb.CdcStatus()
-        aof_counters = self._node.aof_counters()
-        aof = pb.AofStatus(enabled=True, **aof_counters._asdict()) if aof_counters else pb.AofStatus()
         return pb.InfoResponse(
             node_id=self._node.node_id,
             address=self._node.address,
@@ -301,9 +296,9 @@ class KVHandlers:
                 max_message_bytes=limits.max_message,
             ),
             subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
-            cdc=cdc,
+            cdc=cdc_status(self._node.cdc_counters()),
             epoch=self._store.epoch,
-            aof=aof,
+            aof=aof_status(self._node.aof_counters()),
         )
 
     async def rewrite_aof(self, request: pb.RewriteAofRequest) -> pb.RewriteAofResponse:
@@ -368,6 +363,53 @@ class CompatHandlers:
         if outcome.existed:
             await self._writes.acknowledge(outcome.revision)
         return compat_pb2.DelResponse(success=True)
+
+
+def cdc_status(c: CdcCounters | None) -> pb.CdcStatus:
+    """Info's CDC status, field by field: the wire API does not follow a renamed counter."""
+    if c is None:
+        return pb.CdcStatus()
+    return pb.CdcStatus(
+        enabled=True,
+        connection=c.connection,
+        full_policy=c.full_policy,
+        queued=c.queued,
+        published=c.published,
+        confirmed=c.confirmed,
+        republished=c.republished,
+        dropped=c.dropped,
+        queue_depth=c.queue_depth,
+        queue_bytes=c.queue_bytes,
+        writes_delayed=c.writes_delayed,
+        writes_refused=c.writes_refused,
+        confirmed_revision=c.confirmed_revision,
+        spilled=c.spilled,
+    )
+
+
+def aof_status(c: AofCounters | None) -> pb.AofStatus:
+    """Info's append-only file status, field by field."""
+    if c is None:
+        return pb.AofStatus()
+    return pb.AofStatus(
+        enabled=True,
+        path=c.path,
+        fsync_policy=c.fsync_policy,
+        state=c.state,
+        size_bytes=c.size_bytes,
+        base_size_bytes=c.base_size_bytes,
+        written_revision=c.written_revision,
+        durable_revision=c.durable_revision,
+        records_written=c.records_written,
+        batches_written=c.batches_written,
+        fsyncs=c.fsyncs,
+        writes_delayed=c.writes_delayed,
+        rewrites=c.rewrites,
+        rewrite_in_progress=c.rewrite_in_progress,
+        last_rewrite_seconds=c.last_rewrite_seconds,
+        cdc_checkpoint_revision=c.cdc_checkpoint_revision,
+        error=c.error,
+    )
 
 
 def _condition_failed(key: str, expected: int | None, current: int) -> KVError:

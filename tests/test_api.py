@@ -4,6 +4,7 @@ services, health, reflection and every kind of bad input."""
 from __future__ import annotations
 
 import asyncio
+import typing
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fluxkv import handlers
+from fluxkv.aof import AofCounters
+from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.proto import compat_kv_pb2 as cpb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
@@ -217,6 +221,21 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
     ]
     served = f"{server_version(grpc_server)} serves {node.address} (FLUX_GRPC_SERVER={grpc_server}, "
     assert info.subsystems[-1].detail == f"{served}FLUX_EVENT_LOOP=auto) on asyncio's event loop"  # pytest's loop
+
+
+def test_info_statuses_carry_every_counter_by_name() -> None:
+    # Info's CdcStatus and AofStatus are built field by field: each counter reaches its field, and
+    # every field but `enabled` has its counter.
+    for counters, build in ((CdcCounters, handlers.cdc_status), (AofCounters, handlers.aof_status)):
+        types = typing.get_type_hints(counters)
+        values = {
+            name: {str: f"value of {name}", int: i + 1, bool: True, float: i + 0.5}[kind]
+            for i, (name, kind) in enumerate(types.items())
+        }
+        status = build(counters(**values))
+        assert {f.name for f in status.DESCRIPTOR.fields} == {"enabled", *values}
+        assert status.enabled and all(getattr(status, name) == value for name, value in values.items())
+        assert not build(None).enabled
 
 
 # -- bad input ---------------------------------------------------------------
