@@ -29,8 +29,8 @@ import grpc
 import pygrpc_native
 import pytest
 
+from deploy.private_servers import EtcdServer, RabbitBroker
 from fluxkv import config
-from fluxkv.private_servers import EtcdServer, RabbitBroker
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
 from fluxkv.server import Node
 from fluxkv.tracing import Tracing

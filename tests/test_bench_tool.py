@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
+from deploy.private_servers import EtcdServer, free_port
 from fluxkv import bench
 from fluxkv.bench_hist import RELATIVE_ERROR, Histogram
 from fluxkv.bench_load import Tally, drive
 from fluxkv.bench_report import Progress, Result, machine, summary, to_json
-from fluxkv.private_servers import EtcdServer, free_port
 
 from .conftest import GRPC_SERVERS, ROOT, ServerProcess, server_process
 

@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from deploy.private_servers import EtcdServer
 from fluxkv import Client, EtcdNodes, KeyValue, SyncClient
 from fluxkv.call_context import FORWARDED_BY
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.hash_ring import HashRing
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import compat_kv_pb2 as compat_pb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
