@@ -61,8 +61,9 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from fluxkv import __version__
+from fluxkv import __version__, rpc_status
 from fluxkv.discovery import DEFAULT_PREFIX, EtcdNodes
+from fluxkv.errors import ErrorKind
 from fluxkv.hash_ring import DEFAULT_VNODES, HashRing
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
@@ -238,11 +239,11 @@ class DeadlineExceeded(FluxKVError):
     """DEADLINE_EXCEEDED: no answer within the call's deadline."""
 
 
-_ERRORS: dict[Any, type[FluxKVError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.ABORTED: ConditionFailed,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+_ERRORS: dict[ErrorKind | None, type[FluxKVError]] = {
+    ErrorKind.INVALID_ARGUMENT: InvalidRequest,
+    ErrorKind.ABORTED: ConditionFailed,
+    ErrorKind.UNAVAILABLE: Unavailable,
+    ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 
@@ -251,7 +252,7 @@ def _error(exc: grpc.aio.AioRpcError, node: str) -> FluxKVError:
 
 
 def _status_error(code: grpc.StatusCode, details: str | None, node: str) -> FluxKVError:
-    return _ERRORS.get(code, FluxKVError)(code, details or code.name.lower(), node)
+    return _ERRORS.get(rpc_status.kind_of_status(code), FluxKVError)(code, details or code.name.lower(), node)
 
 
 _OPS: dict[int, Op] = {

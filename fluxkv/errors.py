@@ -1,7 +1,10 @@
-"""The one error type that request handling raises.
+"""The error kinds of the API, and the one error type that request handling raises.
 
-Handlers and the store know nothing of gRPC: they raise KVError with a kind,
-and the transport maps each kind to its status code in one place.
+Handlers and the store know nothing of gRPC: they raise KVError with a kind.
+Each kind is the gRPC status code of its name, and its value is that code's
+number (what a call's `grpc-status` carries), so this enum is the one map
+between kinds and status codes, both ways; fluxkv/rpc_status.py turns the
+numbers into grpc's StatusCode for the transport, forwarding and the client.
 """
 
 from __future__ import annotations
@@ -10,12 +13,21 @@ import enum
 
 
 class ErrorKind(enum.Enum):
-    INVALID_ARGUMENT = "invalid argument"  # the request breaks a limit or a rule
-    ABORTED = "aborted"  # an expect_revision condition failed: read and retry
-    FAILED_PRECONDITION = "failed precondition"  # the data cannot be served this way
-    RESOURCE_EXHAUSTED = "resource exhausted"  # the answer would exceed a size limit
-    UNAVAILABLE = "unavailable"  # the node cannot take the call now: retry later
-    OUT_OF_RANGE = "out of range"  # a revision the node no longer holds
+    INVALID_ARGUMENT = 3  # the request breaks a limit or a rule
+    DEADLINE_EXCEEDED = 4  # no answer within the call's deadline: the call may or may not have been applied
+    RESOURCE_EXHAUSTED = 8  # the answer would exceed a size limit
+    FAILED_PRECONDITION = 9  # the data cannot be served this way
+    ABORTED = 10  # an expect_revision condition failed: read and retry
+    OUT_OF_RANGE = 11  # a revision the node no longer holds
+    UNAVAILABLE = 14  # the node cannot take the call now (and did not apply it): retry later
+
+
+_KINDS = {kind.value: kind for kind in ErrorKind}
+
+
+def kind_of(code: int) -> ErrorKind | None:
+    """The kind of gRPC status code number `code`; None for a code that is not one (OK, INTERNAL, ...)."""
+    return _KINDS.get(code)
 
 
 class KVError(Exception):

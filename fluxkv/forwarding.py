@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from fluxkv import call_context
+from fluxkv import call_context, rpc_status
 from fluxkv.errors import ErrorKind, KVError
 from fluxkv.hash_ring import HashRing
 from fluxkv.rpc_spans import client_failed, client_span
@@ -26,14 +26,6 @@ from fluxkv.tracing import Tracing
 
 M = TypeVar("M", bound=Message)
 
-# How a forwarded call's failure reaches the caller: the owner's status, as is.
-_KIND_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_ARGUMENT,
-    grpc.StatusCode.ABORTED: ErrorKind.ABORTED,
-    grpc.StatusCode.FAILED_PRECONDITION: ErrorKind.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.OUT_OF_RANGE: ErrorKind.OUT_OF_RANGE,
-}
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -87,7 +79,9 @@ class Router:
                         client_failed(span, exc.code())
                         raise
         except grpc.aio.AioRpcError as exc:
-            kind = _KIND_OF.get(exc.code(), ErrorKind.UNAVAILABLE)
+            # The owner's failure reaches the caller as it is; a status that
+            # is no error kind (CANCELLED as the owner stops, say) as UNAVAILABLE.
+            kind = rpc_status.kind_of_status(exc.code()) or ErrorKind.UNAVAILABLE
             raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)") from None
         return answer
 

@@ -11,7 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fluxkv import rpc_status
 from fluxkv.changes import ChangeRecord, Op
+from fluxkv.errors import ErrorKind
 from fluxkv.proto import compat_kv_pb2 as cpb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
@@ -35,6 +37,13 @@ async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in details
     return details
+
+
+def test_each_error_kind_is_the_grpc_status_code_of_its_name_both_ways() -> None:
+    for kind in ErrorKind:
+        code = rpc_status.status_code(kind)
+        assert code.name == kind.name and rpc_status.kind_of_status(code) is kind
+    assert rpc_status.kind_of_status(grpc.StatusCode.INTERNAL) is None
 
 
 # -- fluxkv.v1.KV ------------------------------------------------------------
