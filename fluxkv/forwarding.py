@@ -79,10 +79,11 @@ class Router:
                         client_failed(span, exc.code())
                         raise
         except grpc.aio.AioRpcError as exc:
-            # The owner's failure reaches the caller as it is; a status that
-            # is no error kind (CANCELLED as the owner stops, say) as UNAVAILABLE.
+            # The owner's failure reaches the caller as it is, with its details; a
+            # status that is no error kind (CANCELLED as the owner stops, say) as UNAVAILABLE.
             kind = rpc_status.kind_of_status(exc.code()) or ErrorKind.UNAVAILABLE
-            raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)") from None
+            info = rpc_status.error_info(exc.trailing_metadata())
+            raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)", info) from None
         return answer
 
     async def split(

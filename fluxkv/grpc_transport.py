@@ -6,8 +6,8 @@ reflection's bidirectional stream goes to a grpc.aio server it runs behind
 itself) or grpc.aio.
 
 Request and response types come from the services' descriptors; a
-KVError ends its call with its kind's status code (fluxkv/rpc_status.py)
-and message. Each call is
+KVError ends its call with its kind's status code and message and, when it
+has an ErrorInfo, the structured details (fluxkv/rpc_status.py). Each call is
 counted in its method's MethodStats (fluxkv/metrics.py) as it ends and, with
 tracing on, is a SERVER span (fluxkv/tracing.py).
 """
@@ -202,8 +202,8 @@ def _unary(
             try:
                 return await fn(request)
             except Exception as exc:
-                status, message = _status_of(path, exc)
-                await context.abort(status, message)
+                status, message, trailing = _status_of(path, exc)
+                await context.abort(status, message, trailing)
         except asyncio.CancelledError:  # the caller went away, or its deadline passed
             status = grpc.StatusCode.CANCELLED
             raise
@@ -244,8 +244,8 @@ def _stream(
                     async for response in responses:
                         yield response
             except Exception as exc:
-                status, message = _status_of(path, exc)
-                await context.abort(status, message)
+                status, message, trailing = _status_of(path, exc)
+                await context.abort(status, message, trailing)
         except (asyncio.CancelledError, GeneratorExit):  # the caller went away
             status = grpc.StatusCode.CANCELLED
             raise
@@ -262,10 +262,13 @@ def _stream(
 _OK = grpc.StatusCode.OK
 
 
-def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message that end a call whose handler raised `exc`:
-    KVError's kind, else INTERNAL (logged)."""
+def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """The status, message and trailing metadata that end a call whose handler
+    raised `exc`: KVError's kind and details, else INTERNAL (logged)."""
     if isinstance(exc, KVError):
-        return rpc_status.status_code(exc.kind), exc.message
+        status = rpc_status.status_code(exc.kind)
+        if exc.info is None:
+            return status, exc.message, ()
+        return status, exc.message, rpc_status.details_metadata(status, exc.message, exc.info)
     log.exception("unexpected error in %s", path, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}"
+    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}", ()

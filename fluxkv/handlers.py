@@ -19,7 +19,7 @@ from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import ChangeRecord, Op
 from fluxkv.config import Settings
-from fluxkv.errors import ErrorKind, KVError, invalid, shown
+from fluxkv.errors import ErrorKind, KVError, invalid, revision_mismatch, shown
 from fluxkv.forwarding import Router
 from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
@@ -380,7 +380,7 @@ def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
         state = f"does not exist; expected revision {expected}"
     else:
         state = f"is at revision {current}, not the expected {expected}"
-    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}")
+    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}", revision_mismatch(key, current))
 
 
 _EVENT_OPS = {Op.SET: pb.Event.OP_SET, Op.DELETE: pb.Event.OP_DELETE, Op.EXPIRE: pb.Event.OP_EXPIRE}

@@ -27,7 +27,7 @@ from fluxkv.proto import compat_kv_pb2 as compat_pb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 
-from .conftest import ROOT, eventually, server_process
+from .conftest import ROOT, eventually, revision_mismatch, server_process
 
 pytestmark = pytest.mark.usefixtures("grpc_server")
 
@@ -153,6 +153,18 @@ async def test_a_node_forwards_the_keys_it_does_not_own(etcd_server: EtcdServer,
                 assert (await owner.Get(pb.GetRequest(key=key), metadata=mine)).value == key.encode()
                 assert not (await other.Get(pb.GetRequest(key=key), metadata=mine)).found
                 assert (await other.Get(pb.GetRequest(key=key))).value == key.encode()  # forwarded
+            # A forwarded call's failure reaches the caller with the owner's details.
+            key = next(k for k in keys if ring.owner(k) == b.address)
+            revision = (await kv_b.Get(pb.GetRequest(key=key))).mod_revision
+            for refused in (
+                kv_a.Set(pb.SetRequest(key=key, value=b"again", expect_revision=0)),
+                kv_a.Delete(pb.DeleteRequest(key=key, expect_revision=revision + 1)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await refused
+                assert failed.value.code() == grpc.StatusCode.ABORTED
+                assert f"(from {b.address}, the key's owner)" in (failed.value.details() or "")
+                assert revision_mismatch(failed.value) == {"key": key, "revision": str(revision)}
             many = await kv_b.MultiGet(pb.MultiGetRequest(keys=keys))
             assert [r.value for r in many.results] == [k.encode() for k in keys]
             compat = compat_kv_pb2_grpc.KVServiceStub(cb)
