@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from fluxkv import Client, EtcdNodes, KeyValue, SyncClient
+from fluxkv import Client, EtcdNodes, KeyValue, SyncClient, forwarding
 from fluxkv.call_context import FORWARDED_BY
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.hash_ring import HashRing
@@ -171,8 +171,20 @@ async def test_a_node_forwards_the_keys_it_does_not_own(etcd_server: EtcdServer,
             await compat.Set(compat_pb.SetRequest(key="flux", value="kv"))
             assert (await compat_kv_pb2_grpc.KVServiceStub(ca).Get(compat_pb.GetRequest(key="flux"))).value == "kv"
             infos = [await kv.Info(pb.InfoRequest()) for kv in (kv_a, kv_b)]
+            owner_channel, other_channel = (ca, cb) if ring.owner("flux") == a.address else (cb, ca)
+            await compat_kv_pb2_grpc.KVServiceStub(other_channel).Del(compat_pb.DelRequest(key="flux"))
+            on_owner = compat_kv_pb2_grpc.KVServiceStub(owner_channel)
+            assert not (await on_owner.Get(compat_pb.GetRequest(key="flux"), metadata=mine)).found
         assert sum(i.key_count for i in infos) == len(keys) + 1
         assert all(i.key_count > 50 for i in infos)
+
+
+def test_only_a_unary_call_about_one_key_can_be_forwarded_by_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    router = forwarding.Router("", 160, 1024)
+    for method in ("Scan", "Watch", "MultiGet"):  # a prefix; streaming; many keys
+        monkeypatch.setattr(forwarding, "ONE_KEY_CALLS", {"fluxkv.v1.KV": (method,)})
+        with pytest.raises(ValueError, match=f"fluxkv.v1.KV.{method} is not a unary call about the key"):
+            router.forwarding({"fluxkv.v1.KV": {method: lambda request: request}})
 
 
 async def test_workers_each_serve_and_register_and_stop_together(
