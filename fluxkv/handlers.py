@@ -3,7 +3,9 @@
 
 Handlers validate, translate and delegate to the store; they hold no state
 and know nothing of the transport. A failure is raised as KVError, which the
-transport maps to a status code.
+transport maps to a status code. In a cluster, the node has the key's owner
+serve each call about one key (fluxkv/forwarding.py); MultiGet and MultiSet
+check the whole batch, then split it by owner here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import ChangeRecord, Op, change_bytes
 from fluxkv.config import Settings
-from fluxkv.errors import ErrorKind, KVError, invalid, shown
+from fluxkv.errors import ErrorKind, KVError, invalid, revision_mismatch, shown
 from fluxkv.forwarding import Router
 from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
@@ -26,6 +28,7 @@ from fluxkv.store import NUM_SHARDS, Store
 from fluxkv.watch import WatchHub
 
 DEFAULT_SCAN_LIMIT = 100
+_KV_METHODS = pb.DESCRIPTOR.services_by_name["KV"].methods_by_name
 
 
 class NodeStatus(Protocol):
@@ -143,8 +146,6 @@ class KVHandlers:
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Get", request, pb.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return pb.GetResponse()
@@ -152,8 +153,6 @@ class KVHandlers:
 
     async def set(self, request: pb.SetRequest) -> pb.SetResponse:
         expect = self._limits.set_request(request)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Set", request, pb.SetResponse)
         await self._writes.admit(1, change_bytes(request.key, request.value))
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
@@ -168,8 +167,6 @@ class KVHandlers:
             expect = request.expect_revision
             if expect <= 0:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Delete", request, pb.DeleteResponse)
         await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
@@ -193,7 +190,7 @@ class KVHandlers:
 
             async def remote(owner: str, indexes: list[int]) -> list[pb.GetResponse]:
                 part = pb.MultiGetRequest(keys=[keys[i] for i in indexes])
-                return list((await router.forward(owner, "/fluxkv.v1.KV/MultiGet", part, pb.MultiGetResponse)).results)
+                return list((await router.forward(owner, _KV_METHODS["MultiGet"], part)).results)
 
             results = await router.split(keys, local, remote)
         size = sum(len(r.value) for r in results)
@@ -241,7 +238,7 @@ class KVHandlers:
 
         async def remote(owner: str, indexes: list[int]) -> list[pb.SetResult]:
             part = pb.MultiSetRequest(items=[items[i] for i in indexes])
-            return list((await router.forward(owner, "/fluxkv.v1.KV/MultiSet", part, pb.MultiSetResponse)).results)
+            return list((await router.forward(owner, _KV_METHODS["MultiSet"], part)).results)
 
         return pb.MultiSetResponse(results=await router.split([i.key for i in items], local, remote))
 
@@ -321,26 +318,21 @@ class KVHandlers:
 class CompatHandlers:
     """service.KVService, Flux-KV's wire API."""
 
-    def __init__(self, store: Store, settings: Settings, writes: WritePath, router: Router | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings, writes: WritePath) -> None:
         self._store = store
         self._limits = Limits(settings)
         self._writes = writes
-        self._router = router
 
     async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
         self._limits.key(request.key)
         value = request.value.encode()
         self._limits.value(len(value))
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Set", request, compat_pb2.SetResponse)
         await self._writes.admit(1, change_bytes(request.key, value))
         await self._writes.acknowledge(self._store.set(request.key, value).revision)
         return compat_pb2.SetResponse(success=True)
 
     async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Get", request, compat_pb2.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return compat_pb2.GetResponse(found=False)
@@ -356,8 +348,6 @@ class CompatHandlers:
 
     async def delete(self, request: compat_pb2.DelRequest) -> compat_pb2.DelResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Del", request, compat_pb2.DelResponse)
         await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key)
         if outcome.existed:
@@ -419,7 +409,7 @@ def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
         state = f"does not exist; expected revision {expected}"
     else:
         state = f"is at revision {current}, not the expected {expected}"
-    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}")
+    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}", revision_mismatch(key, current))
 
 
 _EVENT_OPS = {Op.SET: pb.Event.OP_SET, Op.DELETE: pb.Event.OP_DELETE, Op.EXPIRE: pb.Event.OP_EXPIRE}

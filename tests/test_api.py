@@ -12,10 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fluxkv import handlers
+from fluxkv import handlers, rpc_status
 from fluxkv.aof import AofCounters
 from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.changes import ChangeRecord, Op
+from fluxkv.errors import ErrorKind
 from fluxkv.proto import compat_kv_pb2 as cpb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
@@ -25,6 +26,7 @@ from .conftest import (
     eventually,
     http_get,
     node_whose_writes_wait,
+    revision_mismatch,
     server_version,
     settings,
     writes_waiting,
@@ -39,6 +41,13 @@ async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in details
     return details
+
+
+def test_each_error_kind_is_the_grpc_status_code_of_its_name_both_ways() -> None:
+    for kind in ErrorKind:
+        code = rpc_status.status_code(kind)
+        assert code.name == kind.name and rpc_status.kind_of_status(code) is kind
+    assert rpc_status.kind_of_status(grpc.StatusCode.INTERNAL) is None
 
 
 # -- fluxkv.v1.KV ------------------------------------------------------------
@@ -146,6 +155,33 @@ async def test_conditional_delete(kv: kv_pb2_grpc.KVStub) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "above 0, got 0",
     )
+
+
+async def test_a_failed_condition_carries_the_current_revision_in_its_details(kv: kv_pb2_grpc.KVStub) -> None:
+    first = await kv.Set(pb.SetRequest(key="k", value=b"1"))
+    second = await kv.Set(pb.SetRequest(key="k", value=b"2"))
+    refused = [
+        kv.Set(pb.SetRequest(key="k", value=b"3", expect_revision=first.revision)),
+        kv.Set(pb.SetRequest(key="k", value=b"3", expect_revision=0)),
+        kv.Delete(pb.DeleteRequest(key="k", expect_revision=first.revision)),
+    ]
+    for call in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert revision_mismatch(info.value) == {"key": "k", "revision": str(second.revision)}
+    for call in (  # an absent key is at revision 0
+        kv.Set(pb.SetRequest(key="absent", value=b"v", expect_revision=7)),
+        kv.Delete(pb.DeleteRequest(key="absent", expect_revision=7)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert revision_mismatch(info.value) == {"key": "absent", "revision": "0"}
+    # The key travels whole, even at the limit (FLUX_MAX_KEY_BYTES), where the message shows only its start.
+    longest = "é" * 2048
+    await kv.Set(pb.SetRequest(key=longest, value=b"v"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await kv.Set(pb.SetRequest(key=longest, value=b"w", expect_revision=0))
+    assert revision_mismatch(info.value) == {"key": longest, "revision": str(second.revision + 1)}
 
 
 async def test_multi_set_and_multi_get(kv: kv_pb2_grpc.KVStub) -> None:
