@@ -30,15 +30,17 @@ from typing import Any
 from fluxkv import __version__, arguments
 from fluxkv.bench_load import (
     BATCH_WORKLOADS,
+    ENGINES,
     PRELOADED_WORKLOADS,
     WORKLOADS,
-    Connections,
     KeySpace,
     Outcome,
     Plan,
     SetupError,
     Tally,
+    connections,
     preload,
+    probe,
     probe_request,
     run_process,
     until_stopped,
@@ -147,9 +149,9 @@ class ServerWatch:
 async def _prepare(plan: Plan, no_preload: bool, stopped: asyncio.Event) -> bool:
     """Check that every node answers (SetupError otherwise), then preload the key
     space when the workload reads; False if interrupted meanwhile."""
-    conns = Connections(plan.nodes, 1)
+    conns = connections(plan, 1)
     try:
-        await conns.probe(*probe_request(plan))
+        await probe(conns, *probe_request(plan))
         if no_preload or plan.workload not in PRELOADED_WORKLOADS:
             return True
         print(f"fluxkv-bench: preloading {plan.keyspace} keys", file=sys.stderr, flush=True)
@@ -346,6 +348,7 @@ def _nodes(args: argparse.Namespace) -> list[str]:
 def _plan(args: argparse.Namespace, nodes: list[str]) -> Plan:
     return Plan(
         target=args.target,
+        engine=args.engine,
         workload=args.workload,
         nodes=tuple(nodes),
         keyspace=args.keyspace,
@@ -422,6 +425,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="client processes sharing -c, -n, --warmup and --rate (default 1)",
+    )
+    load.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ENGINES[0],
+        help="the gRPC client: lean, HTTP/2 connections of fluxkv-bench's own that cost a small part of the "
+        "server's CPU per call (default), or grpcio, grpc.aio channels, the reference",
     )
     load.add_argument(
         "--warmup",

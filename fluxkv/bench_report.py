@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+import hpack
 from google.protobuf import __version__ as protobuf_version
 
 from fluxkv import __version__
@@ -73,6 +74,7 @@ def machine() -> dict[str, Any]:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
+        "hpack": hpack.__version__,
         "protobuf": protobuf_version,
         "fluxkv": __version__,
         "commit": _commit(),
@@ -125,7 +127,7 @@ def summary(record: dict[str, Any]) -> str:
     lines = [
         f"====== {s['workload'].upper()} on {s['target']} ======",
         f"  {s['concurrency']} in flight ({mode}), {s['conns']} channel(s) per node and process, "
-        f"{s['processes']} client process(es)",
+        f"{s['processes']} client process(es), {s['engine']} engine",
         f"  {s['keyspace']} keys, {s['value_size']}-byte values{batch}{ratio}",
         f"  nodes: {', '.join(record['nodes'])}",
         f"  client: {m['cpu']}, {m['cores']} cores, load average {m['loadavg'][0]:g}; Python {m['python']}, "
