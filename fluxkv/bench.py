@@ -39,6 +39,7 @@ from fluxkv.bench_load import (
     SetupError,
     Tally,
     connections,
+    merge,
     preload,
     probe,
     probe_request,
@@ -89,10 +90,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         watch = ServerWatch(args.server_pid, args.profile)
         progress = Progress(plan.requests, plan.duration_s)
         run_load = _run_single if args.processes == 1 else _run_processes
-        outcome, wall_s, interrupted = run_load(plan, args, watch, progress)
+        outcomes, wall_s, interrupted = run_load(plan, args, watch, progress)
     except (SetupError, ProfileError) as exc:
         print(f"fluxkv-bench: {exc}", file=sys.stderr)
         return FAILURE
+    outcome = merge(outcomes)
     result = Result(
         started=started,
         hist=outcome.hist,
@@ -100,6 +102,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         duration_s=wall_s,
         items_per_call=plan.batch,
         client_cpu_s=outcome.cpu_s,
+        client_busiest=max((share for o in outcomes if (share := o.core_share()) is not None), default=None),
         server_cpu_s=watch.server_cpu_s,
         interrupted=interrupted,
     )
@@ -177,8 +180,8 @@ async def _report_progress(progress: Progress, counts: Callable[[], tuple[int, i
 
 def _run_single(
     plan: Plan, args: argparse.Namespace, watch: ServerWatch, progress: Progress
-) -> tuple[Outcome, float, bool]:
-    """The load from this process; (outcome, measured seconds, interrupted)."""
+) -> tuple[list[Outcome], float, bool]:
+    """The load from this process; ([outcome], measured seconds, interrupted)."""
 
     async def go() -> tuple[Outcome, bool]:
         stopped = asyncio.Event()
@@ -204,24 +207,23 @@ def _run_single(
         return outcome, stopped.is_set()
 
     outcome, interrupted = asyncio.run(go())
-    return outcome, outcome.duration_s, interrupted
+    return [outcome], outcome.duration_s, interrupted
 
 
 def _run_processes(
     plan: Plan, args: argparse.Namespace, watch: ServerWatch, progress: Progress
-) -> tuple[Outcome, float, bool]:
+) -> tuple[list[Outcome], float, bool]:
     """The load from --processes client processes (spawned: grpc does not survive
     fork), which warm up, wait for a common start, and send their results back;
-    (merged outcome, measured seconds, interrupted)."""
+    (their outcomes, measured seconds, interrupted)."""
     stop_prepare = asyncio.Event()
 
     async def prepare() -> bool:
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop_prepare.set)
         return await _prepare(plan, args.no_preload, stop_prepare)
 
-    empty = Outcome(Tally().hist, {}, 0.0, 0.0)
     if not asyncio.run(prepare()):
-        return empty, 0.0, True
+        return [], 0.0, True
     n = args.processes
     ctx = multiprocessing.get_context("spawn")
     start, events, counts = ctx.Event(), ctx.Queue(), ctx.Array("q", 2 * n, lock=False)
@@ -281,13 +283,7 @@ def _run_processes(
     if began:
         progress.update(sum(counts[0::2]), sum(counts[1::2]))
         progress.finish()
-    merged = empty
-    for outcome in results.values():
-        merged.hist.merge(outcome.hist)
-        for code, count in outcome.failures.items():
-            merged.failures[code] = merged.failures.get(code, 0) + count
-        merged.cpu_s += outcome.cpu_s
-    return merged, wall, interrupted
+    return list(results.values()), wall, interrupted
 
 
 def _child(plan: Plan, index: int, start: Any, events: Any, counts: Any) -> None:

@@ -422,6 +422,22 @@ class Outcome:
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         return cls(**{**data, "hist": Histogram.from_dict(data["hist"])})
 
+    def core_share(self) -> float | None:
+        """CPU seconds per second of the measured phase: 1.0 is one core busy all along."""
+        return self.cpu_s / self.duration_s if self.duration_s > 0 else None
+
+
+def merge(outcomes: Sequence[Outcome]) -> Outcome:
+    """The client processes' outcomes as one: histograms and failures merged, CPU
+    times added (duration_s is not theirs to merge: 0)."""
+    merged = Outcome(Histogram(), {}, 0.0, 0.0)
+    for outcome in outcomes:
+        merged.hist.merge(outcome.hist)
+        for code, count in outcome.failures.items():
+            merged.failures[code] = merged.failures.get(code, 0) + count
+        merged.cpu_s += outcome.cpu_s
+    return merged
+
 
 async def until_stopped(work: Awaitable[None], stopped: asyncio.Event) -> bool:
     """Run `work` unless `stopped` is set first (then cancel it); True if it finished."""

@@ -36,8 +36,8 @@ from .conftest import GRPC_SERVERS, ROOT, ServerProcess, server_process
 BENCH = [sys.executable, str(ROOT / "cmd" / "fluxkv-bench")]
 SCHEMA_FIELDS = {
     "tool", "schema", "time", "machine", "settings", "nodes", "requests", "duration_s", "successes", "failures",
-    "throughput_per_s", "items_per_s", "latency_ms", "client_cpu_us_per_request", "server_cpu_us_per_request",
-    "interrupted",
+    "throughput_per_s", "items_per_s", "latency_ms", "client_cpu_us_per_request", "client_cpu_busiest_process",
+    "server_cpu_us_per_request", "client_bound", "interrupted",
 }  # fmt: skip
 LATENCY_FIELDS = ["min", "avg", "p50", "p90", "p95", "p99", "p99_9", "max"]
 KV = "fluxkv.v1.KV/"
@@ -186,11 +186,11 @@ def test_histograms_merge_and_cross_processes() -> None:
 # -- output -------------------------------------------------------------------------
 
 
-def result(failures: dict[str, int], batch: int = 1) -> Result:
+def result(failures: dict[str, int], batch: int = 1, client_cpu_s: float = 0.01, busiest: float = 0.4) -> Result:
     hist = Histogram()
     for ms in range(1, 101):  # 1 .. 100 ms
         hist.record(ms * 1_000_000)
-    return Result("2026-11-22T00:00:00+00:00", hist, failures, 2.0, batch, 0.01, 0.02, interrupted=False)
+    return Result("2026-11-22T00:00:00+00:00", hist, failures, 2.0, batch, client_cpu_s, busiest, 0.02, False)
 
 
 def test_json_record_counts_only_successes_as_throughput() -> None:
@@ -206,12 +206,34 @@ def test_json_record_counts_only_successes_as_throughput() -> None:
     assert abs(record["latency_ms"]["p50"] - 50) <= 50 * RELATIVE_ERROR
     assert record["client_cpu_us_per_request"] == round(0.01e6 / 104, 2)
     assert record["server_cpu_us_per_request"] == round(0.02e6 / 104, 2)
+    assert record["client_cpu_busiest_process"] == 0.4 and record["client_bound"] == []
     assert record["settings"]["batch"] == 10 and record["settings"]["workload"] == "mset"
     json.dumps(record)  # serializable as is
     text = summary(record)
     assert "failures:   DEADLINE_EXCEEDED 1, UNAVAILABLE 3" in text
     assert "50.0 requests/s (successful requests only)" in text and "500.0 items/s" in text
-    assert "p99.9" in text and "pid 1 and its children" in text and "lean engine" in text
+    assert "p99.9" in text and "pid 1 and its children" in text and "busiest process: 40% of a core" in text
+    assert "lean engine" in text and "WARNING" not in text
+
+
+@pytest.mark.parametrize(
+    ("client_cpu_s", "busiest", "reasons"),
+    [
+        (0.03, 0.5, ["the client's CPU per request (300.0 µs) is above the server's (200.0 µs)"]),
+        (0.01, 0.95, ["a client process was busy 95% of a core"]),
+        (0.03, 1.02, ["the client's CPU per request (300.0 µs) is above the server's (200.0 µs)",
+                      "a client process was busy 102% of a core"]),
+    ],
+)  # fmt: skip
+def test_a_client_that_may_set_the_pace_is_named_in_the_summary_and_the_json(
+    client_cpu_s: float, busiest: float, reasons: list[str]
+) -> None:
+    args = bench.parse_args(["--server-pid", "1"])
+    record = to_json(result({}, client_cpu_s=client_cpu_s, busiest=busiest), vars(args), ["n:1"], machine())
+    assert record["client_bound"] == reasons
+    text = summary(record)
+    assert "WARNING: the client may be the bottleneck, not the server:" in text
+    assert all(f"    {reason}\n" in text for reason in reasons)
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
@@ -309,6 +331,7 @@ def test_a_run_against_a_node_writes_json_and_history(node: ServerProcess, tmp_p
     assert (record["successes"], record["requests"], record["failures"]) == (2000, 2000, {})
     assert record["interrupted"] is False and record["nodes"] == [node.address]
     assert record["server_cpu_us_per_request"] > 0 and record["client_cpu_us_per_request"] > 0
+    assert 0 < record["client_cpu_busiest_process"] and isinstance(record["client_bound"], list)
     assert all(record["latency_ms"][name] > 0 for name in LATENCY_FIELDS)
     assert record["machine"]["fluxkv"] and record["settings"]["concurrency"] == 20
     assert "====== SET on fluxkv ======" in done.stdout and "successes:  2000" in done.stdout
@@ -416,7 +439,7 @@ def test_client_processes_merge_their_counts(node: ServerProcess, tmp_path: Path
     done = run_bench("--addr", node.address, "-n", "1001", "-c", "10", "--processes", "2", "--json", str(out))
     assert done.returncode == 0, done.stderr
     record = json.loads(out.read_text())
-    assert (record["successes"], record["failures"]) == (1001, {})
+    assert (record["successes"], record["failures"]) == (1001, {}) and 0 < record["client_cpu_busiest_process"]
 
 
 def test_a_server_that_cannot_be_reached_exits_3_before_the_load() -> None:
