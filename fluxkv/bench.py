@@ -43,6 +43,7 @@ from fluxkv.bench_load import (
     preload,
     probe,
     probe_request,
+    run_on_loop,
     run_process,
     until_stopped,
 )
@@ -206,7 +207,7 @@ def _run_single(
                 progress.finish()
         return outcome, stopped.is_set()
 
-    outcome, interrupted = asyncio.run(go())
+    outcome, interrupted = run_on_loop(plan, go())
     return [outcome], outcome.duration_s, interrupted
 
 
@@ -222,7 +223,7 @@ def _run_processes(
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop_prepare.set)
         return await _prepare(plan, args.no_preload, stop_prepare)
 
-    if not asyncio.run(prepare()):
+    if not run_on_loop(plan, prepare()):
         return [], 0.0, True
     n = args.processes
     ctx = multiprocessing.get_context("spawn")
@@ -315,7 +316,7 @@ def _child(plan: Plan, index: int, start: Any, events: Any, counts: Any) -> None
         counts[2 * index], counts[2 * index + 1] = tally.done, tally.failed()
         events.put(("result", index, outcome.to_dict()))
 
-    asyncio.run(go())
+    run_on_loop(plan, go())
 
 
 # -- arguments ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from urllib.parse import unquote
 
 import grpc
@@ -243,15 +243,11 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        tcp = self._transport = cast(asyncio.Transport, transport)  # uvloop's is one, not of the class
         settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, MAX_WINDOW)
         settings += _SETTING.pack(MAX_FRAME_SIZE, OUR_MAX_FRAME)
-        transport.write(
-            PREFACE
-            + frame(SETTINGS, 0, 0, settings)
-            + frame(WINDOW_UPDATE, 0, 0, _WORD.pack(MAX_WINDOW - DEFAULT_WINDOW))
-        )
+        window = frame(WINDOW_UPDATE, 0, 0, _WORD.pack(MAX_WINDOW - DEFAULT_WINDOW))
+        tcp.write(PREFACE + frame(SETTINGS, 0, 0, settings) + window)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

@@ -1,15 +1,18 @@
 """fluxkv.bench_h2, fluxkv-bench's lean gRPC client, against HTTP/2 servers that
 h2 (python-hyper's implementation, which checks what the client sends: request
 headers, flow control, the concurrent stream limit) runs with an answer the test
-writes: every way a call can fail is counted by its status, not as a success."""
+writes: every way a call can fail is counted by its status, not as a success.
+Each test runs on asyncio's event loop and on uvloop's, which fluxkv-bench runs
+the lean engine on."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -17,6 +20,7 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
+import uvloop
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
@@ -28,6 +32,19 @@ from fluxkv.proto import kv_pb2
 SET = "/fluxkv.v1.KV/Set"
 RESPONSE = kv_pb2.SetResponse(revision=7, created=True).SerializeToString()
 GRPC = [(":status", "200"), ("content-type", "application/grpc")]
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+OnLoop = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=LOOPS)
+def on_loop(request: pytest.FixtureRequest) -> OnLoop:
+    """Runs a test's coroutine on one event loop, and the test on each of LOOPS in turn."""
+
+    def run(main: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            runner.run(main)
+
+    return run
 
 
 def message(body: bytes, compressed: int = 0) -> bytes:
@@ -163,25 +180,28 @@ def answer_all(req: Request) -> None:
 # -- statuses ---------------------------------------------------------------------
 
 
-async def test_the_status_comes_from_the_trailers_or_a_trailers_only_response() -> None:
-    def answer(req: Request) -> None:
-        size = len(kv_pb2.SetRequest.FromString(req.body[5:]).value)
-        if size == 1:
-            req.answer()
-        elif size == 2:  # an error status after the response headers, in the trailers
-            req.answer(data=None, trailers=[("grpc-status", "3"), ("grpc-message", "bad%20key: %E2%82%AC")])
-        else:
-            req.trailers_only(5, "not here")
+def test_the_status_comes_from_the_trailers_or_a_trailers_only_response(on_loop: OnLoop) -> None:
+    async def check() -> None:
+        def answer(req: Request) -> None:
+            size = len(kv_pb2.SetRequest.FromString(req.body[5:]).value)
+            if size == 1:
+                req.answer()
+            elif size == 2:  # an error status after the response headers, in the trailers
+                req.answer(data=None, trailers=[("grpc-status", "3"), ("grpc-message", "bad%20key: %E2%82%AC")])
+            else:
+                req.trailers_only(5, "not here")
 
-    async with h2_server(answer) as server, channel(server.address) as call:
-        assert await call(request(1)) is None
-        assert await call(request(2)) == Failure("INVALID_ARGUMENT", "bad key: €")
-        assert await call(request(3)) == Failure("NOT_FOUND", "not here")
-    got = server.requests[0]
-    assert got.body == message(request(1))
-    assert got.headers[":path"] == SET and got.headers["te"] == "trailers"
-    assert got.headers["content-type"] == "application/grpc" and got.headers["grpc-timeout"] == "10000000u"
-    assert got.headers[":authority"] == server.address
+        async with h2_server(answer) as server, channel(server.address) as call:
+            assert await call(request(1)) is None
+            assert await call(request(2)) == Failure("INVALID_ARGUMENT", "bad key: €")
+            assert await call(request(3)) == Failure("NOT_FOUND", "not here")
+        got = server.requests[0]
+        assert got.body == message(request(1))
+        assert got.headers[":path"] == SET and got.headers["te"] == "trailers"
+        assert got.headers["content-type"] == "application/grpc" and got.headers["grpc-timeout"] == "10000000u"
+        assert got.headers[":authority"] == server.address
+
+    on_loop(check())
 
 
 @pytest.mark.parametrize(
@@ -206,94 +226,115 @@ async def test_the_status_comes_from_the_trailers_or_a_trailers_only_response() 
         (lambda r: r.peer.writer.close(), "UNAVAILABLE"),  # the connection is lost
     ],
 )
-async def test_an_answer_that_is_not_a_grpc_success_fails_by_status(respond: Answer, failure: str) -> None:
-    async with h2_server(respond) as server, channel(server.address) as call:
-        result = await call(request())
-        assert result is not None and result.code == failure, result
+def test_an_answer_that_is_not_a_grpc_success_fails_by_status(on_loop: OnLoop, respond: Answer, failure: str) -> None:
+    async def check() -> None:
+        async with h2_server(respond) as server, channel(server.address) as call:
+            result = await call(request())
+            assert result is not None and result.code == failure, result
+
+    on_loop(check())
 
 
-async def test_a_changed_dynamic_table_changes_what_the_same_block_means() -> None:
+def test_a_changed_dynamic_table_changes_what_the_same_block_means(on_loop: OnLoop) -> None:
     # h2's encoder indexes what it sends: "grpc-status: 0" becomes dynamic entry 62, then a
     # "grpc-status: 3" goes in at 62 and pushes it to 63, so the same one-byte block that
     # meant OK now means INVALID_ARGUMENT. A kept decoding of that block must not outlive the change.
-    codes = iter(["0", "0", "0", "3", "3", "3", "0"])
-    async with h2_server(lambda r: r.answer(trailers=[("grpc-status", next(codes))])) as server:
-        async with channel(server.address) as call:
-            results = [await call(request()) for _ in range(7)]
-    assert [r.code if r else None for r in results] == [None] * 3 + ["INVALID_ARGUMENT"] * 3 + [None]
+    async def check() -> None:
+        codes = iter(["0", "0", "0", "3", "3", "3", "0"])
+        async with h2_server(lambda r: r.answer(trailers=[("grpc-status", next(codes))])) as server:
+            async with channel(server.address) as call:
+                results = [await call(request()) for _ in range(7)]
+        assert [r.code if r else None for r in results] == [None] * 3 + ["INVALID_ARGUMENT"] * 3 + [None]
+
+    on_loop(check())
 
 
 # -- flow control, stream limits, connections ------------------------------------
 
 
-async def test_flow_control_and_the_concurrent_stream_limit() -> None:
+def test_flow_control_and_the_concurrent_stream_limit(on_loop: OnLoop) -> None:
     # Stream windows of 1000 bytes, 2 streams at once, and bodies of 50 KB: each call waits for
     # WINDOW_UPDATEs many times, and 18 of the 20 wait for a stream. h2 fails the connection if
     # the client sends past a window or opens a third stream.
-    settings = {SettingCodes.INITIAL_WINDOW_SIZE: 1000, SettingCodes.MAX_CONCURRENT_STREAMS: 2}
-    bodies = [request(50_000 + i) for i in range(20)]
-    async with h2_server(answer_all, settings) as server, channel(server.address) as call:
-        assert await asyncio.gather(*(call(body) for body in bodies)) == [None] * 20
-    assert sorted(r.body for r in server.requests) == sorted(message(b) for b in bodies)
-    assert server.most_open == 2 and server.connections == 1
+    async def check() -> None:
+        settings = {SettingCodes.INITIAL_WINDOW_SIZE: 1000, SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+        bodies = [request(50_000 + i) for i in range(20)]
+        async with h2_server(answer_all, settings) as server, channel(server.address) as call:
+            assert await asyncio.gather(*(call(body) for body in bodies)) == [None] * 20
+        assert sorted(r.body for r in server.requests) == sorted(message(b) for b in bodies)
+        assert server.most_open == 2 and server.connections == 1
+
+    on_loop(check())
 
 
-async def test_goaway_fails_the_calls_the_server_did_not_take_and_moves_to_a_new_connection() -> None:
-    held: list[Request] = []
+def test_goaway_fails_the_calls_the_server_did_not_take_and_moves_to_a_new_connection(on_loop: OnLoop) -> None:
+    async def check() -> None:
+        held: list[Request] = []
 
-    def answer(req: Request) -> None:
-        if server.connections > 1:
-            req.answer()
-            return
-        held.append(req)
-        if len(held) == 3:  # streams 1, 3 and 5: take 1 and 3, refuse 5, then answer 1 and 3
-            # GOAWAY as its own frame: h2 sends nothing after a GOAWAY of its own, and 1 and 3 must still end.
-            req.peer.writer.write(GoAwayFrame(0, last_stream_id=3).serialize())
-            held[0].answer()
-            held[1].answer()
+        def answer(req: Request) -> None:
+            if server.connections > 1:
+                req.answer()
+                return
+            held.append(req)
+            if len(held) == 3:  # streams 1, 3 and 5: take 1 and 3, refuse 5, then answer 1 and 3
+                # GOAWAY as its own frame: h2 sends nothing after a GOAWAY of its own, and 1 and 3 must still end.
+                req.peer.writer.write(GoAwayFrame(0, last_stream_id=3).serialize())
+                held[0].answer()
+                held[1].answer()
 
-    async with h2_server(answer) as server, channel(server.address) as call:
-        assert await asyncio.gather(*(call(request()) for _ in range(3))) == [
-            None,
-            None,
-            Failure("UNAVAILABLE", "the server did not take the call: GOAWAY with error code 0"),
-        ]
-        assert await call(request()) is None
-    assert server.connections == 2
+        async with h2_server(answer) as server, channel(server.address) as call:
+            assert await asyncio.gather(*(call(request()) for _ in range(3))) == [
+                None,
+                None,
+                Failure("UNAVAILABLE", "the server did not take the call: GOAWAY with error code 0"),
+            ]
+            assert await call(request()) is None
+        assert server.connections == 2
 
-
-async def test_a_call_past_its_deadline_is_reset_and_fails_deadline_exceeded() -> None:
-    async with h2_server(lambda r: None) as server, channel(server.address, timeout_s=0.2) as call:
-        assert await call(request()) == Failure("DEADLINE_EXCEEDED", "deadline exceeded")
-        await server.until(lambda: bool(server.resets))
-    assert server.resets == [(1, ErrorCodes.CANCEL)]
-    assert server.requests[0].headers["grpc-timeout"] == grpc_timeout(0.2) == "200000u"
+    on_loop(check())
 
 
-async def test_an_unreachable_server_fails_unavailable_at_once_while_it_stays_down() -> None:
-    async with channel(f"127.0.0.1:{free_port()}") as call:
-        first = await call(request())
-        assert first == Failure("UNAVAILABLE", "Connection refused")
-        assert await call(request()) == first
+def test_a_call_past_its_deadline_is_reset_and_fails_deadline_exceeded(on_loop: OnLoop) -> None:
+    async def check() -> None:
+        async with h2_server(lambda r: None) as server, channel(server.address, timeout_s=0.2) as call:
+            assert await call(request()) == Failure("DEADLINE_EXCEEDED", "deadline exceeded")
+            await server.until(lambda: bool(server.resets))
+        assert server.resets == [(1, ErrorCodes.CANCEL)]
+        assert server.requests[0].headers["grpc-timeout"] == grpc_timeout(0.2) == "200000u"
+
+    on_loop(check())
 
 
-async def test_padding_priority_continuation_and_split_data_are_read() -> None:
+def test_an_unreachable_server_fails_unavailable_at_once_while_it_stays_down(on_loop: OnLoop) -> None:
+    async def check() -> None:
+        async with channel(f"127.0.0.1:{free_port()}") as call:
+            first = await call(request())
+            assert first == Failure("UNAVAILABLE", "Connection refused")
+            assert await call(request()) == first
+
+    on_loop(check())
+
+
+def test_padding_priority_continuation_and_split_data_are_read(on_loop: OnLoop) -> None:
     # Frames h2 does not send by itself, written as they come: the header blocks in HEADERS
     # (padded, with a priority) and CONTINUATION, the message in two padded DATA frames.
-    def answer(req: Request) -> None:
-        encoder = hpack.Encoder()  # h2 encodes no block on this connection: the client's decoder sees only these
-        head, trailers = encoder.encode(GRPC), encoder.encode([("grpc-status", "0")])
-        body = message(RESPONSE)
-        sid = req.stream
-        frames = [
-            HeadersFrame(sid, head[:2], flags=["PADDED", "PRIORITY"], pad_length=3, depends_on=0, stream_weight=15),
-            ContinuationFrame(sid, head[2:], flags=["END_HEADERS"]),
-            DataFrame(sid, body[:4], flags=["PADDED"], pad_length=7),
-            DataFrame(sid, body[4:]),
-            HeadersFrame(sid, trailers[:1], flags=["END_STREAM"]),
-            ContinuationFrame(sid, trailers[1:], flags=["END_HEADERS"]),
-        ]
-        req.peer.writer.write(b"".join(f.serialize() for f in frames))
+    async def check() -> None:
+        def answer(req: Request) -> None:
+            encoder = hpack.Encoder()  # h2 encodes no block on this connection: the client's decoder sees only these
+            head, trailers = encoder.encode(GRPC), encoder.encode([("grpc-status", "0")])
+            body = message(RESPONSE)
+            sid = req.stream
+            frames = [
+                HeadersFrame(sid, head[:2], flags=["PADDED", "PRIORITY"], pad_length=3, depends_on=0, stream_weight=15),
+                ContinuationFrame(sid, head[2:], flags=["END_HEADERS"]),
+                DataFrame(sid, body[:4], flags=["PADDED"], pad_length=7),
+                DataFrame(sid, body[4:]),
+                HeadersFrame(sid, trailers[:1], flags=["END_STREAM"]),
+                ContinuationFrame(sid, trailers[1:], flags=["END_HEADERS"]),
+            ]
+            req.peer.writer.write(b"".join(f.serialize() for f in frames))
 
-    async with h2_server(answer) as server, channel(server.address) as call:
-        assert await call(request()) is None
+        async with h2_server(answer) as server, channel(server.address) as call:
+            assert await call(request()) is None
+
+    on_loop(check())
