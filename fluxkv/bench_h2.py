@@ -57,7 +57,7 @@ PRIORITY_FLAG = 0x20
 # Settings (section 6.5.2).
 ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 2, 3, 4, 5
 # Error codes (section 7).
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, CANCEL, COMPRESSION_ERROR = 0, 1, 3, 6, 8, 9
+PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, CANCEL, COMPRESSION_ERROR = 1, 3, 6, 8, 9
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
@@ -114,9 +114,9 @@ def grpc_timeout(seconds: float) -> str:
 
 class Method:
     """A unary method on one channel: its HEADERS block (path, authority,
-    deadline), the response's parser and the deadline in seconds."""
+    deadline) and the response's parser."""
 
-    __slots__ = ("_head", "block", "pack", "parse", "timeout_s")
+    __slots__ = ("_head", "block", "pack", "parse")
 
     def __init__(self, authority: str, path: str, response: type[Message], timeout_s: float) -> None:
         headers = [
@@ -132,12 +132,10 @@ class Method:
         # Never indexed: the encoder adds nothing to its dynamic table, so the block means the same on every stream.
         self.block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers], huffman=False)
         n = len(self.block)
-        head = _FRAME.pack(n >> 8, n & 0xFF, HEADERS, END_HEADERS, 0)[:5]
+        self._head = _FRAME.pack(n >> 8, n & 0xFF, HEADERS, END_HEADERS, 0)[:5]  # HEADERS' frame header but its stream
         # HEADERS (stream id, block), then DATA's frame header and the message prefix: packed in one call per request.
         self.pack = struct.Struct(f">5sL{n}sHBBBLBL").pack
         self.parse = response.FromString
-        self.timeout_s = timeout_s
-        self._head = head
 
     def frames(self, stream: int, body: bytes) -> bytes:
         """HEADERS and the start of one DATA frame with END_STREAM (the body follows)."""
