@@ -40,8 +40,9 @@ PRELOAD_BATCH_ITEMS = 1000  # the node's default FLUX_MAX_BATCH_ITEMS
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
 
 ENGINES = ("lean", "grpcio")
-# The event loop a client process runs on, by engine (None: asyncio's): the lean engine's calls cost a quarter
-# less CPU on uvloop's (bench/engines.py); grpcio's client stays on asyncio's, as the reference always ran.
+# The event loop a client process runs on, by engine (None: asyncio's): the lean engine's calls cost as much CPU
+# on uvloop's on a quiet machine and 10-15% less on a busy one (bench/README.md); grpcio's client stays on
+# asyncio's, as the reference always ran.
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {"lean": uvloop.new_event_loop, "grpcio": None}
 WORKLOADS = ("set", "get", "mixed", "mset", "mget")
 BATCH_WORKLOADS = ("mset", "mget")
