@@ -149,7 +149,9 @@ def batch(node: str, epoch: str, revs: Iterable[int]) -> tuple[str, bytes]:
 def scenario() -> list[tuple[str, bytes]]:
     """Two nodes, node A in two epochs, with duplicates, republished ranges, a
     later batch ahead of an earlier one, a del, an expire, a TTL and a value
-    that is not UTF-8."""
+    that is not UTF-8. A message of duplicates writes nothing, so the last one
+    brings a new event: a consumer that handed out every expected event has
+    then taken every message, and stopping acks them all."""
     b_events = [
         event("B", "b1", 1, expires_at_ms=1_763_800_060_000),
         event("B", "b1", 2, value=b"\xff\x00\xfe"),
@@ -169,6 +171,7 @@ def scenario() -> list[tuple[str, bytes]]:
         batch("A", "a1", range(21, 31)),
         batch("A", "a2", range(1, 4)),  # node A restarted without its data
         batch("A", "a1", range(28, 31)),  # late duplicates of the old epoch
+        batch("A", "a2", [4]),  # last, a new event: once it is out, every message was handled
     ]
 
 
@@ -287,6 +290,23 @@ async def test_a_message_is_acked_only_once_the_handler_handled_all_its_events(n
     # The second message was not acked: a new consumer gets it again, whole.
     async with CdcConsumer(BROKER, queue=names.queue, exchange=names.exchange) as consumer:
         assert [e["rev"] for e in await take(consumer, 3)] == [4, 5, 6]
+
+
+async def test_stop_acks_what_was_handed_out_and_leaves_the_rest_in_the_queue(names: Names) -> None:
+    # As fluxkv-cdc stopped by SIGTERM right after writing the last new event, before
+    # the copies after it (which write nothing) came: they stay in the queue.
+    await declare_like_a_node(names)
+    new, copy = batch("A", "a1", range(1, 4)), batch("A", "a1", range(1, 4))
+    await publish(names, [new, copy, copy])
+    dedup = Deduplicator()
+    async with CdcConsumer(BROKER, queue=names.queue, exchange=names.exchange, prefetch=1, dedup=dedup) as consumer:
+        assert [e["rev"] for e in await take(consumer, 3)] == [1, 2, 3]
+    await wait_until_queue_holds(2, names.queue)
+    # The next consumer takes them, hands out nothing of theirs, and acks them.
+    await publish(names, [batch("A", "a1", [4])])
+    async with CdcConsumer(BROKER, queue=names.queue, exchange=names.exchange, dedup=dedup) as consumer:
+        assert [e["rev"] for e in await take(consumer, 1)] == [4]
+    await wait_until_queue_holds(0, names.queue)
 
 
 async def test_a_poison_message_raises_and_stays_in_the_queue(names: Names) -> None:
@@ -431,8 +451,8 @@ async def test_the_program_reads_a_queue_of_both_formats_and_writes_version_1_li
         flux_kv("B", "b1", 3, Op.DELETE),
         flux_kv("B", "b1", 4, Op.EXPIRE),
     ]
-    # After a restart of fluxkv-cdc: its file tells which of these it has.
-    after = [flux_kv("A", "a1", 15), batch("A", "a1", range(14, 18)), flux_kv("B", "b1", 4, Op.EXPIRE)]
+    # After a restart of fluxkv-cdc: its file tells which of these it has. New events come last (scenario()).
+    after = [flux_kv("A", "a1", 15), flux_kv("B", "b1", 4, Op.EXPIRE), batch("A", "a1", range(14, 18))]
     expected = first_arrivals(before + after)
     assert [(e["node"], e["rev"]) for e in expected] == [
         *(("A", rev) for rev in range(1, 11)),
@@ -597,10 +617,12 @@ async def test_the_program_survives_a_broker_crash_and_restart(rabbit_broker: Ra
         await wait_until(lambda: cdc.log.count("consuming queue") == 2, "it consumes again", lambda: cdc.log)
         # Published after the restart, and again: the publisher had no confirm for the first copy.
         again = [batch("A", "a1", range(1991, 2011)), batch("A", "a1", range(2011, 2021))]
-        await publish(names, again + again, url=url)
-        await wait_until(lambda: line_count(out) >= 2020, "all events are written", lambda: cdc.log)
+        # Then a last new event: the copies write nothing, so only its line says they were handled
+        # (one consumer gets the queue in order); SIGTERM before that would leave them in the queue.
+        await publish(names, [*again, *again, batch("A", "a1", [2021])], url=url)
+        await wait_until(lambda: line_count(out) >= 2021, "all events are written", lambda: cdc.log)
         assert await cdc.exit_status(signal.SIGTERM) == 0
-    assert [e["rev"] for e in lines(out)] == list(range(1, 2021))
+    assert [e["rev"] for e in lines(out)] == list(range(1, 2022))
     await wait_until_queue_holds(0, names.queue, url)
 
 
