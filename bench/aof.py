@@ -400,6 +400,7 @@ async def load_with_rewrites(address: str, mode: Mode, args: argparse.Namespace)
     """Preload, then an open-loop Set load at mode.rate: quiet, rewrite, quiet, ..., quiet."""
     plan = bench_load.Plan(
         target="fluxkv",
+        engine="lean",
         workload="set",
         nodes=(address,),
         keyspace=mode.rewrite_keys,
@@ -417,9 +418,9 @@ async def load_with_rewrites(address: str, mode: Mode, args: argparse.Namespace)
         timeout_s=10.0,
     )
     keys = bench_load.KeySpace(plan)
-    conns = bench_load.Connections(plan.nodes, plan.conns)
+    conns = bench_load.connections(plan, plan.conns)
     try:
-        await conns.probe(*bench_load.probe_request(plan))
+        await bench_load.probe(conns, *bench_load.probe_request(plan))
         started = time.perf_counter()
         for _ in range(2):  # twice: half of what the file holds is overwritten, as a rewrite finds it
             await bench_load.preload(plan, keys, conns)

@@ -8,7 +8,7 @@ FILE's; FILE is deploy/.env, or deploy/.env.example when there is none) and star
 their depends_on, each once the ones it depends on are ready:
 
 - etcd (quay.io/coreos/etcd) and RabbitMQ (rabbitmq:*) as private instances of Debian's etcd-server and
-  rabbitmq-server (fluxkv/private_servers.py): free ports on 127.0.0.1, files in DIR, no system service touched.
+  rabbitmq-server (deploy/private_servers.py): free ports on 127.0.0.1, files in DIR, no system service touched.
   The broker gets the user of the service's RABBITMQ_DEFAULT_USER and RABBITMQ_DEFAULT_PASS, and its management UI.
 - Jaeger has no Debian package and is not started: tracing is off. Variables that point at it are dropped and
   OTEL_SDK_DISABLED=true is set instead.
@@ -46,10 +46,12 @@ from typing import Any, NoReturn
 
 import yaml
 
-from fluxkv.private_servers import EtcdServer, PrivateServer, PrivateServerError, RabbitBroker, free_port
-
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
+sys.path.insert(0, str(ROOT))  # run as a script: deploy/private_servers.py beside it
+
+from deploy.private_servers import EtcdServer, PrivateServer, PrivateServerError, RabbitBroker, free_port  # noqa: E402
+
 LOCALHOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0
 HEALTHCHECK_PAUSE_S = 0.2
@@ -308,7 +310,7 @@ class SkippedService(Service):
 
 @dataclass
 class ServerService(Service):
-    """etcd or RabbitMQ: a private server of fluxkv/private_servers.py."""
+    """etcd or RabbitMQ: a private server of deploy/private_servers.py."""
 
     server: PrivateServer = field(kw_only=True)
 

@@ -24,16 +24,14 @@ the node stops a rewrite at shutdown only at a step before the commit.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 from fluxkv import aof_format
 from fluxkv.aof_format import Header, Snapshot
-from fluxkv.store import NUM_SHARDS, wall_clock_ms
-
-if TYPE_CHECKING:
-    from fluxkv.aof import AppendOnlyFile
+from fluxkv.store import NUM_SHARDS, Store, wall_clock_ms
 
 # Copy the old file's new changes without the lock while more than this many
 # bytes remain; the rest is copied under it.
@@ -47,7 +45,35 @@ class Aborted(Exception):
     """The node is shutting down: the rewrite stops and its file is removed."""
 
 
-def steps(aof: AppendOnlyFile) -> Iterator[str]:
+class RewrittenFile(Protocol):
+    """What a rewrite needs of the append-only file it replaces (fluxkv.aof.AppendOnlyFile)."""
+
+    path: str
+    store: Store
+
+    @property
+    def io_lock(self) -> threading.Lock:
+        """Held by the file's writer while it writes; the rewrite's last copy holds it too."""
+        ...
+
+    def rewrite_begin(self) -> tuple[int, int]:
+        """(base revision, offset of the first change after it in the file)."""
+        ...
+
+    def end_offset(self) -> int:
+        """The file's size as its writer has written it."""
+        ...
+
+    def rewrite_switch(self, new_fd: int, new_size: int, tail_offset: int) -> None:
+        """Append to the renamed new file from now on (io_lock held)."""
+        ...
+
+    def rename_not_durable(self, exc: OSError) -> None:
+        """The directory could not be fsynced after the rename."""
+        ...
+
+
+def steps(aof: RewrittenFile) -> Iterator[str]:
     temporary = aof.path + ".rewrite"
     base, copy_from = aof.rewrite_begin()
     # Only a rewrite replaces the file, and this is the only one running: the

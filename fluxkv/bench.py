@@ -30,16 +30,20 @@ from typing import Any
 from fluxkv import __version__, arguments
 from fluxkv.bench_load import (
     BATCH_WORKLOADS,
+    ENGINES,
     PRELOADED_WORKLOADS,
     WORKLOADS,
-    Connections,
     KeySpace,
     Outcome,
     Plan,
     SetupError,
     Tally,
+    connections,
+    merge,
     preload,
+    probe,
     probe_request,
+    run_on_loop,
     run_process,
     until_stopped,
 )
@@ -87,10 +91,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         watch = ServerWatch(args.server_pid, args.profile)
         progress = Progress(plan.requests, plan.duration_s)
         run_load = _run_single if args.processes == 1 else _run_processes
-        outcome, wall_s, interrupted = run_load(plan, args, watch, progress)
+        outcomes, wall_s, interrupted = run_load(plan, args, watch, progress)
     except (SetupError, ProfileError) as exc:
         print(f"fluxkv-bench: {exc}", file=sys.stderr)
         return FAILURE
+    outcome = merge(outcomes)
     result = Result(
         started=started,
         hist=outcome.hist,
@@ -98,6 +103,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         duration_s=wall_s,
         items_per_call=plan.batch,
         client_cpu_s=outcome.cpu_s,
+        client_busiest=max((share for o in outcomes if (share := o.core_share()) is not None), default=None),
         server_cpu_s=watch.server_cpu_s,
         interrupted=interrupted,
     )
@@ -147,9 +153,9 @@ class ServerWatch:
 async def _prepare(plan: Plan, no_preload: bool, stopped: asyncio.Event) -> bool:
     """Check that every node answers (SetupError otherwise), then preload the key
     space when the workload reads; False if interrupted meanwhile."""
-    conns = Connections(plan.nodes, 1)
+    conns = connections(plan, 1)
     try:
-        await conns.probe(*probe_request(plan))
+        await probe(conns, *probe_request(plan))
         if no_preload or plan.workload not in PRELOADED_WORKLOADS:
             return True
         print(f"fluxkv-bench: preloading {plan.keyspace} keys", file=sys.stderr, flush=True)
@@ -175,8 +181,8 @@ async def _report_progress(progress: Progress, counts: Callable[[], tuple[int, i
 
 def _run_single(
     plan: Plan, args: argparse.Namespace, watch: ServerWatch, progress: Progress
-) -> tuple[Outcome, float, bool]:
-    """The load from this process; (outcome, measured seconds, interrupted)."""
+) -> tuple[list[Outcome], float, bool]:
+    """The load from this process; ([outcome], measured seconds, interrupted)."""
 
     async def go() -> tuple[Outcome, bool]:
         stopped = asyncio.Event()
@@ -201,25 +207,24 @@ def _run_single(
                 progress.finish()
         return outcome, stopped.is_set()
 
-    outcome, interrupted = asyncio.run(go())
-    return outcome, outcome.duration_s, interrupted
+    outcome, interrupted = run_on_loop(plan, go())
+    return [outcome], outcome.duration_s, interrupted
 
 
 def _run_processes(
     plan: Plan, args: argparse.Namespace, watch: ServerWatch, progress: Progress
-) -> tuple[Outcome, float, bool]:
+) -> tuple[list[Outcome], float, bool]:
     """The load from --processes client processes (spawned: grpc does not survive
     fork), which warm up, wait for a common start, and send their results back;
-    (merged outcome, measured seconds, interrupted)."""
+    (their outcomes, measured seconds, interrupted)."""
     stop_prepare = asyncio.Event()
 
     async def prepare() -> bool:
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop_prepare.set)
         return await _prepare(plan, args.no_preload, stop_prepare)
 
-    empty = Outcome(Tally().hist, {}, 0.0, 0.0)
-    if not asyncio.run(prepare()):
-        return empty, 0.0, True
+    if not run_on_loop(plan, prepare()):
+        return [], 0.0, True
     n = args.processes
     ctx = multiprocessing.get_context("spawn")
     start, events, counts = ctx.Event(), ctx.Queue(), ctx.Array("q", 2 * n, lock=False)
@@ -279,13 +284,7 @@ def _run_processes(
     if began:
         progress.update(sum(counts[0::2]), sum(counts[1::2]))
         progress.finish()
-    merged = empty
-    for outcome in results.values():
-        merged.hist.merge(outcome.hist)
-        for code, count in outcome.failures.items():
-            merged.failures[code] = merged.failures.get(code, 0) + count
-        merged.cpu_s += outcome.cpu_s
-    return merged, wall, interrupted
+    return list(results.values()), wall, interrupted
 
 
 def _child(plan: Plan, index: int, start: Any, events: Any, counts: Any) -> None:
@@ -317,7 +316,7 @@ def _child(plan: Plan, index: int, start: Any, events: Any, counts: Any) -> None
         counts[2 * index], counts[2 * index + 1] = tally.done, tally.failed()
         events.put(("result", index, outcome.to_dict()))
 
-    asyncio.run(go())
+    run_on_loop(plan, go())
 
 
 # -- arguments ----------------------------------------------------------------------
@@ -346,6 +345,7 @@ def _nodes(args: argparse.Namespace) -> list[str]:
 def _plan(args: argparse.Namespace, nodes: list[str]) -> Plan:
     return Plan(
         target=args.target,
+        engine=args.engine,
         workload=args.workload,
         nodes=tuple(nodes),
         keyspace=args.keyspace,
@@ -422,6 +422,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="client processes sharing -c, -n, --warmup and --rate (default 1)",
+    )
+    load.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ENGINES[0],
+        help="the gRPC client: lean, HTTP/2 connections of fluxkv-bench's own that cost a small part of the "
+        "server's CPU per call (default), or grpcio, grpc.aio channels, the reference",
     )
     load.add_argument(
         "--warmup",

@@ -1,12 +1,16 @@
 """fluxkv-bench's load: the key space and its routing, pre-serialized requests,
-the probe and the preload, and the closed- and open-loop drivers.
+the connections of either engine, the probe and the preload, and the closed- and
+open-loop drivers.
 
 The load loop is meant to cost the client as little as possible: every request
 body is serialized once per key before the run (a multi-key body is the
 concatenation of single-item bodies, which protobuf's wire format makes a valid
-message), calls go through raw gRPC multicallables that send bytes and do not
-parse the answer (its status says whether it succeeded), and each key's owner on
-the ring is looked up once, before the run.
+message), and each key's owner on the ring is looked up once, before the run.
+The default engine, "lean" (fluxkv.bench_h2), sends the calls on HTTP/2
+connections of its own and checks every answer (status from the trailers, the
+message parsed); "grpcio", the reference, sends them through raw grpc.aio
+multicallables that send bytes and do not parse the answer (its status says
+whether it succeeded).
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
+import uvloop
+from google.protobuf.message import Message
 
+from fluxkv import bench_h2
+from fluxkv.bench_h2 import Failure
 from fluxkv.bench_hist import Histogram
 from fluxkv.hash_ring import HashRing
 from fluxkv.proto import etcd_api_pb2, kv_pb2
@@ -31,6 +39,11 @@ PRELOAD_BATCH_ITEMS = 1000  # the node's default FLUX_MAX_BATCH_ITEMS
 # Distinct connections per channel (equal channels share one otherwise); answers may pass grpcio's 4 MiB default.
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
 
+ENGINES = ("lean", "grpcio")
+# The event loop a client process runs on, by engine (None: asyncio's): the lean engine's calls cost as much CPU
+# on uvloop's on a quiet machine and 10-15% less on a busy one (bench/README.md); grpcio's client stays on
+# asyncio's, as the reference always ran.
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {"lean": uvloop.new_event_loop, "grpcio": None}
 WORKLOADS = ("set", "get", "mixed", "mset", "mget")
 BATCH_WORKLOADS = ("mset", "mget")
 PRELOADED_WORKLOADS = ("get", "mixed", "mget")
@@ -39,30 +52,49 @@ _KV = kv_pb2.DESCRIPTOR.services_by_name["KV"]
 _ETCD_KV = etcd_api_pb2.DESCRIPTOR.services_by_name["KV"]
 
 
+class Rpc(NamedTuple):
+    """A unary method the load calls: its path, its response's class, and the body of one key (key, value -> bytes)."""
+
+    path: str
+    response: type[Message]
+    encode: Callable[[str, bytes], bytes]
+
+
 def _path(service: Any, method: str) -> str:
     return f"/{service.full_name}/{service.methods_by_name[method].name}"
 
 
-# (target, kind) -> (method path, body of one key: key, value -> bytes)
-_REQUESTS: dict[tuple[str, str], tuple[str, Callable[[str, bytes], bytes]]] = {
-    ("fluxkv", "set"): (_path(_KV, "Set"), lambda k, v: kv_pb2.SetRequest(key=k, value=v).SerializeToString()),
-    ("fluxkv", "get"): (_path(_KV, "Get"), lambda k, v: kv_pb2.GetRequest(key=k).SerializeToString()),
-    ("fluxkv", "mset"): (
+# (target, kind) -> the method
+_REQUESTS: dict[tuple[str, str], Rpc] = {
+    ("fluxkv", "set"): Rpc(
+        _path(_KV, "Set"), kv_pb2.SetResponse, lambda k, v: kv_pb2.SetRequest(key=k, value=v).SerializeToString()
+    ),
+    ("fluxkv", "get"): Rpc(
+        _path(_KV, "Get"), kv_pb2.GetResponse, lambda k, v: kv_pb2.GetRequest(key=k).SerializeToString()
+    ),
+    ("fluxkv", "mset"): Rpc(
         _path(_KV, "MultiSet"),
+        kv_pb2.MultiSetResponse,
         lambda k, v: kv_pb2.MultiSetRequest(items=[kv_pb2.SetRequest(key=k, value=v)]).SerializeToString(),
     ),
-    ("fluxkv", "mget"): (_path(_KV, "MultiGet"), lambda k, v: kv_pb2.MultiGetRequest(keys=[k]).SerializeToString()),
-    ("etcd", "set"): (
+    ("fluxkv", "mget"): Rpc(
+        _path(_KV, "MultiGet"),
+        kv_pb2.MultiGetResponse,
+        lambda k, v: kv_pb2.MultiGetRequest(keys=[k]).SerializeToString(),
+    ),
+    ("etcd", "set"): Rpc(
         _path(_ETCD_KV, "Put"),
+        etcd_api_pb2.PutResponse,
         lambda k, v: etcd_api_pb2.PutRequest(key=k.encode(), value=v).SerializeToString(),
     ),
-    ("etcd", "get"): (
+    ("etcd", "get"): Rpc(
         _path(_ETCD_KV, "Range"),
+        etcd_api_pb2.RangeResponse,
         lambda k, v: etcd_api_pb2.RangeRequest(key=k.encode()).SerializeToString(),
     ),
 }
 
-Call = Callable[..., Awaitable[Any]]  # a raw unary multicallable: call(body, timeout=s)
+Call = Callable[[bytes], Awaitable[Failure | None]]  # call(body): None on success, else how it failed
 Send = Callable[[int], Awaitable[str | None]]  # send(slot): None on success, else the status code's name
 
 
@@ -75,6 +107,7 @@ class Plan:
     """What one client process sends; picklable, for --processes."""
 
     target: str  # "fluxkv" or "etcd"
+    engine: str  # one of ENGINES
     workload: str
     nodes: tuple[str, ...]
     keyspace: int
@@ -108,6 +141,15 @@ class Plan:
         )
 
 
+T = TypeVar("T")
+
+
+def run_on_loop(plan: Plan, main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main) on the event loop of the plan's engine (LOOPS)."""
+    with asyncio.Runner(loop_factory=LOOPS[plan.engine]) as runner:
+        return runner.run(main)
+
+
 def key_name(i: int) -> str:
     return f"key:{i:012d}"
 
@@ -134,54 +176,95 @@ def the_value(plan: Plan) -> bytes:
     return random.Random(plan.seed).randbytes(plan.value_size)
 
 
-def bodies(plan: Plan, kind: str) -> tuple[str, list[bytes]]:
-    """The method path of `kind` and its request body for every key."""
-    path, encode = _REQUESTS[plan.target, kind]
+def bodies(plan: Plan, kind: str) -> tuple[Rpc, list[bytes]]:
+    """The method of `kind` and its request body for every key."""
+    rpc = _REQUESTS[plan.target, kind]
     value = the_value(plan)
-    return path, [encode(key_name(k), value) for k in range(plan.keyspace)]
+    return rpc, [rpc.encode(key_name(k), value) for k in range(plan.keyspace)]
 
 
-class Connections:
-    """plan.conns channels to each node (each its own connection)."""
+class Connections(Protocol):
+    """Channels (each its own connection) to each node."""
+
+    nodes: list[str]
+
+    def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
+        """calls[node][channel]: `rpc` on that channel, with that deadline."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LeanConnections:
+    """`conns` fluxkv.bench_h2 channels to each node."""
 
     def __init__(self, nodes: Sequence[str], conns: int) -> None:
         self.nodes = list(nodes)
-        self.channels = [[grpc.aio.insecure_channel(n, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes]
+        self._channels = [[bench_h2.Channel(n, CONNECT_TIMEOUT_S) for _ in range(conns)] for n in nodes]
 
-    def calls(self, path: str) -> list[list[Call]]:
-        """calls[node][channel]: `path` on that channel, bytes in and out."""
-        return [[ch.unary_unary(path, _registered_method=True) for ch in chs] for chs in self.channels]
-
-    async def probe(self, path: str, body: bytes) -> None:
-        """One call on every channel, so that each is connected; SetupError if one fails."""
-        calls = self.calls(path)
-
-        async def one(node: int, call: Call) -> None:
-            try:
-                await call(body, timeout=CONNECT_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                address, code, details = self.nodes[node], exc.code(), exc.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    # "...: Failed to connect to remote host: Connection refused" -> "Connection refused"
-                    reason = details.rsplit(": ", 1)[-1].strip(" ]") or "unavailable"
-                    raise SetupError(f"cannot reach {address} ({reason})") from None
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise SetupError(f"cannot reach {address} (no answer within {CONNECT_TIMEOUT_S:g} s)") from None
-                raise SetupError(f"{address} refused {path} ({code.name}: {details})") from None
-
-        await asyncio.gather(*(one(n, call) for n, row in enumerate(calls) for call in row))
+    def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
+        return [[ch.method(rpc.path, rpc.response, timeout_s) for ch in row] for row in self._channels]
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for row in self.channels for ch in row))
+        await asyncio.gather(*(ch.close() for row in self._channels for ch in row))
 
 
-def probe_request(plan: Plan) -> tuple[str, bytes]:
+class GrpcioConnections:
+    """`conns` grpc.aio channels to each node, whose raw multicallables send bytes and do not parse the answer."""
+
+    def __init__(self, nodes: Sequence[str], conns: int) -> None:
+        self.nodes = list(nodes)
+        self._channels = [[grpc.aio.insecure_channel(n, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes]
+
+    def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
+        def checked(multicallable: Any) -> Call:
+            async def call(body: bytes) -> Failure | None:
+                try:
+                    await multicallable(body, timeout=timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    return Failure(str(exc.code().name), exc.details() or "")
+                return None
+
+            return call
+
+        return [[checked(ch.unary_unary(rpc.path, _registered_method=True)) for ch in row] for row in self._channels]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for row in self._channels for ch in row))
+
+
+def connections(plan: Plan, conns: int) -> Connections:
+    """`conns` channels to each of the plan's nodes, by its engine."""
+    kind = GrpcioConnections if plan.engine == "grpcio" else LeanConnections
+    return kind(plan.nodes, conns)
+
+
+async def probe(conns: Connections, rpc: Rpc, body: bytes) -> None:
+    """One call on every channel, so that each is connected; SetupError if one fails."""
+
+    async def one(node: int, call: Call) -> None:
+        failure = await call(body)
+        if failure is None:
+            return
+        address = conns.nodes[node]
+        if failure.code == "UNAVAILABLE":
+            # grpcio: "...: Failed to connect to remote host: Connection refused" -> "Connection refused"
+            reason = failure.message.rsplit(": ", 1)[-1].strip(" ]") or "unavailable"
+            raise SetupError(f"cannot reach {address} ({reason})")
+        if failure.code == "DEADLINE_EXCEEDED":
+            raise SetupError(f"cannot reach {address} (no answer within {CONNECT_TIMEOUT_S:g} s)")
+        raise SetupError(f"{address} refused {rpc.path} ({failure.code}: {failure.message})")
+
+    calls = conns.calls(rpc, CONNECT_TIMEOUT_S)
+    await asyncio.gather(*(one(n, call) for n, row in enumerate(calls) for call in row))
+
+
+def probe_request(plan: Plan) -> tuple[Rpc, bytes]:
     """A call of the workload's own method (a read for mixed) on the first key:
     it writes nothing the load would not write, and a server that answers it
     (a no-op reference that serves only Set, say) can take the load."""
-    kind = "get" if plan.workload == "mixed" else plan.workload
-    path, encode = _REQUESTS[plan.target, kind]
-    return path, encode(key_name(0), the_value(plan))
+    rpc = _REQUESTS[plan.target, "get" if plan.workload == "mixed" else plan.workload]
+    return rpc, rpc.encode(key_name(0), the_value(plan))
 
 
 async def preload(plan: Plan, keys: KeySpace, conns: Connections) -> int:
@@ -189,12 +272,12 @@ async def preload(plan: Plan, keys: KeySpace, conns: Connections) -> int:
     per key), PRELOAD_IN_FLIGHT calls at a time. Returns the number of calls."""
     jobs: list[tuple[Call, bytes]] = []
     if plan.target == "etcd":
-        path, puts = bodies(plan, "set")
-        call = conns.calls(path)[0][0]
+        rpc, puts = bodies(plan, "set")
+        call = conns.calls(rpc, plan.timeout_s)[0][0]
         jobs = [(call, body) for body in puts]
     else:
-        path, items = bodies(plan, "mset")
-        calls = conns.calls(path)
+        rpc, items = bodies(plan, "mset")
+        calls = conns.calls(rpc, plan.timeout_s)
         per_call = max(1, min(PRELOAD_BATCH_ITEMS, PRELOAD_BATCH_BYTES // (len(items[0]) if items else 1)))
         for node, owned in enumerate(keys.of_node):
             for start in range(0, len(owned), per_call):
@@ -204,10 +287,9 @@ async def preload(plan: Plan, keys: KeySpace, conns: Connections) -> int:
 
     async def worker() -> None:
         for call, body in pending:
-            try:
-                await call(body, timeout=plan.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise SetupError(f"preload failed: {exc.code().name}: {exc.details()}") from None
+            failure = await call(body)
+            if failure is not None:
+                raise SetupError(f"preload failed: {failure.code}: {failure.message}")
 
     await asyncio.gather(*(worker() for _ in range(PRELOAD_IN_FLIGHT)))
     return len(jobs)
@@ -218,22 +300,15 @@ def sender(plan: Plan, keys: KeySpace, conns: Connections, rng: random.Random) -
     owner of its (first) key; keys are drawn uniformly from the key space. A
     batch's other keys are drawn from the same node's keys, so each call goes
     to one node, as the SDK sends each owner its part."""
-    draw, size, timeout, owner = rng.random, keys.size, plan.timeout_s, keys.owner
+    draw, size, owner = rng.random, keys.size, keys.owner
 
     def table(kind: str) -> tuple[list[list[Call]], list[bytes]]:
-        path, body = bodies(plan, kind)
-        return conns.calls(path), body
+        rpc, body = bodies(plan, kind)
+        return conns.calls(rpc, plan.timeout_s), body
 
     def pick() -> tuple[int, int]:
         k = int(draw() * size)
         return k, owner[k] if owner is not None else 0
-
-    async def call(call: Call, body: bytes) -> str | None:
-        try:
-            await call(body, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
-        return None
 
     if plan.workload in BATCH_WORKLOADS:
         calls, items = table(plan.workload)
@@ -245,7 +320,8 @@ def sender(plan: Plan, keys: KeySpace, conns: Connections, rng: random.Random) -
             n = len(pool)
             body = items[k] + b"".join([items[pool[int(draw() * n)]] for _ in extra])
             row = calls[node]
-            return await call(row[slot % len(row)], body)
+            failure = await row[slot % len(row)](body)
+            return None if failure is None else failure.code
 
         return send_batch
     if plan.workload == "mixed":
@@ -255,7 +331,8 @@ def sender(plan: Plan, keys: KeySpace, conns: Connections, rng: random.Random) -
             calls, body = reads if draw() < ratio else writes
             k, node = pick()
             row = calls[node]
-            return await call(row[slot % len(row)], body[k])
+            failure = await row[slot % len(row)](body[k])
+            return None if failure is None else failure.code
 
         return send_mixed
     calls, body = table(plan.workload)
@@ -263,7 +340,8 @@ def sender(plan: Plan, keys: KeySpace, conns: Connections, rng: random.Random) -
     async def send_one(slot: int) -> str | None:
         k, node = pick()
         row = calls[node]
-        return await call(row[slot % len(row)], body[k])
+        failure = await row[slot % len(row)](body[k])
+        return None if failure is None else failure.code
 
     return send_one
 
@@ -358,6 +436,22 @@ class Outcome:
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         return cls(**{**data, "hist": Histogram.from_dict(data["hist"])})
 
+    def core_share(self) -> float | None:
+        """CPU seconds per second of the measured phase: 1.0 is one core busy all along."""
+        return self.cpu_s / self.duration_s if self.duration_s > 0 else None
+
+
+def merge(outcomes: Sequence[Outcome]) -> Outcome:
+    """The client processes' outcomes as one: histograms and failures merged, CPU
+    times added (duration_s is not theirs to merge: 0)."""
+    merged = Outcome(Histogram(), {}, 0.0, 0.0)
+    for outcome in outcomes:
+        merged.hist.merge(outcome.hist)
+        for code, count in outcome.failures.items():
+            merged.failures[code] = merged.failures.get(code, 0) + count
+        merged.cpu_s += outcome.cpu_s
+    return merged
+
 
 async def until_stopped(work: Awaitable[None], stopped: asyncio.Event) -> bool:
     """Run `work` unless `stopped` is set first (then cancel it); True if it finished."""
@@ -379,10 +473,10 @@ async def run_process(
     """One client process: connect, warm up (unmeasured), `await begin()`, then
     the measured phase into `tally`, until done or `stopped`."""
     keys = KeySpace(plan)
-    conns = Connections(plan.nodes, plan.conns)
+    conns = connections(plan, plan.conns)
     clock = RealClock()
     try:
-        await conns.probe(*probe_request(plan))
+        await probe(conns, *probe_request(plan))
         send = sender(plan, keys, conns, random.Random(plan.seed))
         warm = drive(send, plan.concurrency, Tally(), clock, limit=plan.warmup)
         if not await until_stopped(warm, stopped):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+import hpack
 from google.protobuf import __version__ as protobuf_version
 
 from fluxkv import __version__
@@ -24,6 +25,7 @@ SCHEMA = 1
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99_9": 99.9}
 TTY_REFRESH_S = 0.25
 PLAIN_EVERY_S = 5.0
+SATURATED = 0.9  # a client process busy this share of a core or more is the bottleneck
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Result:
     duration_s: float
     items_per_call: int
     client_cpu_s: float
+    client_busiest: float | None  # CPU seconds per second of the busiest client process (1.0: a core)
     server_cpu_s: float | None
     interrupted: bool
 
@@ -58,6 +61,17 @@ class Result:
     def cpu_us_per_request(self, seconds: float | None) -> float | None:
         return None if seconds is None or not self.requests else round(seconds * 1e6 / self.requests, 2)
 
+    def client_bound(self) -> list[str]:
+        """Why the client, not the server, may have set the pace: its CPU per
+        request over the server's, or a client process busy a whole core."""
+        reasons = []
+        client, server = self.cpu_us_per_request(self.client_cpu_s), self.cpu_us_per_request(self.server_cpu_s)
+        if client is not None and server is not None and client > server:
+            reasons.append(f"the client's CPU per request ({client:.1f} µs) is above the server's ({server:.1f} µs)")
+        if self.client_busiest is not None and self.client_busiest >= SATURATED:
+            reasons.append(f"a client process was busy {self.client_busiest:.0%} of a core")
+        return reasons
+
 
 def machine() -> dict[str, Any]:
     """The machine and software the run was measured on."""
@@ -73,6 +87,7 @@ def machine() -> dict[str, Any]:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
+        "hpack": hpack.__version__,
         "protobuf": protobuf_version,
         "fluxkv": __version__,
         "commit": _commit(),
@@ -111,7 +126,9 @@ def to_json(result: Result, settings: dict[str, Any], nodes: list[str], machine_
         "items_per_s": round(result.per_s(result.successes * result.items_per_call), 2),
         "latency_ms": result.latency_ms(),
         "client_cpu_us_per_request": result.cpu_us_per_request(result.client_cpu_s),
+        "client_cpu_busiest_process": None if result.client_busiest is None else round(result.client_busiest, 3),
         "server_cpu_us_per_request": result.cpu_us_per_request(result.server_cpu_s),
+        "client_bound": result.client_bound(),
         "interrupted": result.interrupted,
     }
 
@@ -125,7 +142,7 @@ def summary(record: dict[str, Any]) -> str:
     lines = [
         f"====== {s['workload'].upper()} on {s['target']} ======",
         f"  {s['concurrency']} in flight ({mode}), {s['conns']} channel(s) per node and process, "
-        f"{s['processes']} client process(es)",
+        f"{s['processes']} client process(es), {s['engine']} engine",
         f"  {s['keyspace']} keys, {s['value_size']}-byte values{batch}{ratio}",
         f"  nodes: {', '.join(record['nodes'])}",
         f"  client: {m['cpu']}, {m['cores']} cores, load average {m['loadavg'][0]:g}; Python {m['python']}, "
@@ -146,10 +163,15 @@ def summary(record: dict[str, Any]) -> str:
         "  " + "".join(f"{name.replace('_', '.'):>10}" for name in latency),
         "  " + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in latency.values()),
         "",
-        f"  client CPU: {_us(record['client_cpu_us_per_request'])} per request",
+        f"  client CPU: {_us(record['client_cpu_us_per_request'])} per request"
+        + (f" (busiest process: {busiest:.0%} of a core)" if (busiest := record["client_cpu_busiest_process"]) else ""),
         f"  server CPU: {_us(record['server_cpu_us_per_request'])} per request"
         + (f" (pid {s['server_pid']} and its children)" if s["server_pid"] else " (give --server-pid)"),
     ]
+    if record["client_bound"]:
+        lines += ["", "  WARNING: the client may be the bottleneck, not the server:"]
+        lines += [f"    {reason}" for reason in record["client_bound"]]
+        lines.append("    (use --processes, or run the client on another host)")
     return "\n".join(lines)
 
 

@@ -31,10 +31,21 @@ class ChangeRecord(NamedTuple):
     shard: int
 
 
+def text_bytes(text: str) -> int:
+    """The length of `text` in UTF-8 (an ASCII string's is its length: no encoding needed)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def change_bytes(key: str, value: bytes | None) -> int:
+    """What a change weighs wherever changes are counted: the admission of a write,
+    the CDC queue (FLUX_CDC_QUEUE_BYTES), the append-only file's buffer
+    (FLUX_AOF_BUFFER_BYTES) and the watch history (FLUX_WATCH_HISTORY_BYTES):
+    the UTF-8 bytes of its key and the bytes of its value."""
+    return text_bytes(key) + (len(value) if value is not None else 0)
+
+
 def record_bytes(record: ChangeRecord) -> int:
-    """What a record counts against the bounds of the sinks that hold records
-    (FLUX_CDC_QUEUE_BYTES, FLUX_AOF_BUFFER_BYTES): its key and value."""
-    return len(record.key) + (len(record.value) if record.value is not None else 0)
+    return change_bytes(record.key, record.value)
 
 
 class ChangeSink(Protocol):

@@ -37,7 +37,6 @@ the fan-out and the merging of watch streams, with threads in place of tasks.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from collections import deque
 from collections.abc import (
@@ -60,9 +59,10 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from fluxkv import __version__
+from fluxkv import __version__, rpc_status
 from fluxkv.backoff import jittered_delay
 from fluxkv.discovery import DEFAULT_PREFIX, EtcdNodes
+from fluxkv.errors import ErrorKind, current_revision
 from fluxkv.hash_ring import DEFAULT_VNODES, HashRing
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
@@ -207,15 +207,11 @@ class InvalidRequest(FluxKVError):
 class ConditionFailed(FluxKVError):
     """ABORTED: an expect_revision condition failed and nothing was written.
     `revision` is the key's current revision (0: absent) as the node reported
-    it, None if its message did not say."""
+    it in the error's details (a REVISION_MISMATCH ErrorInfo), None if it sent none."""
 
     def __init__(self, code: grpc.StatusCode, message: str, node: str | None = None) -> None:
         super().__init__(code, message, node)
-        # The node's wording (fluxkv/handlers.py): "... is at revision N, ..." or "... does not exist; ...".
-        if m := re.search(r"at revision (\d+)", message):
-            self.revision: int | None = int(m.group(1))
-        else:
-            self.revision = 0 if "does not exist" in message else None
+        self.revision: int | None = None
 
 
 class Unavailable(FluxKVError):
@@ -237,20 +233,26 @@ class DeadlineExceeded(FluxKVError):
     """DEADLINE_EXCEEDED: no answer within the call's deadline."""
 
 
-_ERRORS: dict[Any, type[FluxKVError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.ABORTED: ConditionFailed,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+_ERRORS: dict[ErrorKind | None, type[FluxKVError]] = {
+    ErrorKind.INVALID_ARGUMENT: InvalidRequest,
+    ErrorKind.ABORTED: ConditionFailed,
+    ErrorKind.UNAVAILABLE: Unavailable,
+    ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 
 def _error(exc: grpc.aio.AioRpcError, node: str) -> FluxKVError:
-    return _status_error(exc.code(), exc.details(), node)
+    return _status_error(exc.code(), exc.details(), exc.trailing_metadata(), node)
 
 
-def _status_error(code: grpc.StatusCode, details: str | None, node: str) -> FluxKVError:
-    return _ERRORS.get(code, FluxKVError)(code, details or code.name.lower(), node)
+def _status_error(
+    code: grpc.StatusCode, details: str | None, trailing_metadata: rpc_status.Metadata | None, node: str
+) -> FluxKVError:
+    """The FluxKVError of a call that failed with this status."""
+    error = _ERRORS.get(rpc_status.kind_of_status(code), FluxKVError)(code, details or code.name.lower(), node)
+    if isinstance(error, ConditionFailed):  # the message is for people; a program reads the details
+        error.revision = current_revision(rpc_status.error_info(trailing_metadata))
+    return error
 
 
 _OPS: dict[int, Op] = {
@@ -660,7 +662,7 @@ class Watch:
             ) from None
         # A refused watch ends with its headers: its status is known by now.
         if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
-            raise _status_error(code, await call.details(), node)
+            raise _status_error(code, await call.details(), await call.trailing_metadata(), node)
         return call
 
     async def _pump(self, node: str, call: Any) -> None:

@@ -4,6 +4,13 @@ registered in etcd) and relays the answer. A client that routes by the ring,
 as fluxkv.Client does, never needs this; a plain gRPC client (or Flux-KV's,
 which hashes keys its own way) still gets a correct answer, for one more hop.
 
+One mechanism, keyed by the method: the node wraps the handler of each call
+about one key (ONE_KEY_CALLS; its request's `key` names the key) with
+Router.forwarding, which forwards the call as it came when another node owns
+the key, so that handlers know nothing of it; the multi-key calls, which
+check the whole batch first, split their keys with Router.split and forward
+each owner's part with Router.forward, by their method's descriptor.
+
 A forwarded call carries the metadata call_context.FORWARDED_BY, and the node
 receiving it serves it itself: a call is forwarded at most once, even while
 two nodes briefly disagree about the ring.
@@ -12,29 +19,25 @@ two nodes briefly disagree about the ring.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from fluxkv import call_context
+from fluxkv import call_context, rpc_status
 from fluxkv.errors import ErrorKind, KVError
 from fluxkv.hash_ring import HashRing
 from fluxkv.rpc_spans import client_failed, client_span
 from fluxkv.tracing import Tracing
 
-M = TypeVar("M", bound=Message)
-
-# How a forwarded call's failure reaches the caller: the owner's status, as is.
-_KIND_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: ErrorKind.INVALID_ARGUMENT,
-    grpc.StatusCode.ABORTED: ErrorKind.ABORTED,
-    grpc.StatusCode.FAILED_PRECONDITION: ErrorKind.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.OUT_OF_RANGE: ErrorKind.OUT_OF_RANGE,
-}
 DEFAULT_TIMEOUT_S = 10.0
+# The calls about one key, by service: each is served by the key's owner.
+ONE_KEY_CALLS = {"fluxkv.v1.KV": ("Get", "Set", "Delete"), "service.KVService": ("Set", "Get", "Del")}
+
+Handler = Callable[[Any], Any]
 
 
 class Router:
@@ -67,28 +70,58 @@ class Router:
             return None
         return owner
 
-    async def forward(self, owner: str, method: str, request: Message, response: type[M]) -> M:
-        """Make the same call on `owner`, within what is left of the caller's deadline."""
+    def forwarding(self, services: Mapping[str, Mapping[str, Handler]]) -> dict[str, dict[str, Handler]]:
+        """`services` ({"pkg.Service": {"Method": handler}}) with the handler of
+        each call about one key (ONE_KEY_CALLS) wrapped: a call whose key
+        another node owns goes to that node as it came, which checks it."""
+        wrapped = {service: dict(handlers) for service, handlers in services.items()}
+        for service, names in ONE_KEY_CALLS.items():
+            for name in names:
+                wrapped[service][name] = self._on_owner(f"{service}.{name}", wrapped[service][name])
+        return wrapped
+
+    def _on_owner(self, full_name: str, handler: Handler) -> Handler:
+        method = descriptor_pool.Default().FindMethodByName(full_name)
+        key = method.input_type.fields_by_name.get("key")
+        if method.server_streaming or key is None or key.type != key.TYPE_STRING:
+            raise ValueError(f"{full_name} is not a unary call about the key its request's string `key` names")
+
+        async def serve(request: Any) -> Any:
+            owner = self.remote_owner(request.key)
+            if owner is None:
+                return await handler(request)
+            return await self.forward(owner, method, request)
+
+        return serve
+
+    async def forward(self, owner: str, method: MethodDescriptor, request: Message) -> Any:
+        """Make a call of `method` (a unary one) on `owner`, within what is left of the
+        caller's deadline; its answer, of the method's response type."""
         channel = self._channels.get(owner)
         if channel is None:
             channel = self._channels[owner] = grpc.aio.insecure_channel(owner, options=self._options)
-        call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response.FromString)
+        name = f"{method.containing_service.full_name}/{method.name}"
+        response = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(f"/{name}", request_serializer=_serialize, response_deserializer=response.FromString)
         self.forwarded += 1
         metadata = [(call_context.FORWARDED_BY, self.address)]
         timeout = call_context.time_remaining() or DEFAULT_TIMEOUT_S
         try:
             if self._tracing is None:
-                answer: M = await call(request, timeout=timeout, metadata=metadata)
+                answer = await call(request, timeout=timeout, metadata=metadata)
             else:
-                with client_span(self._tracing.tracer, method.lstrip("/"), owner) as (span, trace_metadata):
+                with client_span(self._tracing.tracer, name, owner) as (span, trace_metadata):
                     try:
                         answer = await call(request, timeout=timeout, metadata=metadata + (trace_metadata or []))
                     except grpc.aio.AioRpcError as exc:
                         client_failed(span, exc.code())
                         raise
         except grpc.aio.AioRpcError as exc:
-            kind = _KIND_OF.get(exc.code(), ErrorKind.UNAVAILABLE)
-            raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)") from None
+            # The owner's failure reaches the caller as it is, with its details; a
+            # status that is no error kind (CANCELLED as the owner stops, say) as UNAVAILABLE.
+            kind = rpc_status.kind_of_status(exc.code()) or ErrorKind.UNAVAILABLE
+            info = rpc_status.error_info(exc.trailing_metadata())
+            raise KVError(kind, f"{exc.details()} (from {owner}, the key's owner)", info) from None
         return answer
 
     async def split(

@@ -5,8 +5,9 @@ asyncio API: pygrpc-native (HTTP/2 and gRPC framing in Rust, outside the GIL;
 reflection's bidirectional stream goes to a grpc.aio server it runs behind
 itself) or grpc.aio.
 
-Request and response types come from the services' descriptors; each
-KVError kind maps to its status code here and nowhere else. Each call is
+Request and response types come from the services' descriptors; a
+KVError ends its call with its kind's status code and message and, when it
+has an ErrorInfo, the structured details (fluxkv/rpc_status.py). Each call is
 counted in its method's MethodStats (fluxkv/metrics.py) as it ends and, with
 tracing on, is a SERVER span (fluxkv/tracing.py).
 """
@@ -31,8 +32,8 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fluxkv import call_context
-from fluxkv.errors import ErrorKind, KVError
+from fluxkv import call_context, rpc_status
+from fluxkv.errors import KVError
 from fluxkv.metrics import LATENCY_BOUNDS, MethodStats, RequestMetrics
 from fluxkv.rpc_spans import rpc_attributes
 from fluxkv.tracing import Tracing
@@ -44,16 +45,6 @@ UnaryHandler = Callable[[Any], Awaitable[Any]]
 # the transport sends the call's headers as soon as it returns.
 StreamHandler = Callable[[Any], AsyncGenerator[Any, None]]
 Handler = UnaryHandler | StreamHandler
-
-STATUS_OF: Mapping[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
-    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
-}
-
 
 METADATA_LIMIT_BYTES = 16 * 1024
 SERVERS = {"native": pygrpc_native.aio.server, "grpcio": grpc.aio.server}
@@ -211,8 +202,8 @@ def _unary(
             try:
                 return await fn(request)
             except Exception as exc:
-                status, message = _status_of(path, exc)
-                await context.abort(status, message)
+                status, message, trailing = _status_of(path, exc)
+                await context.abort(status, message, trailing)
         except asyncio.CancelledError:  # the caller went away, or its deadline passed
             status = grpc.StatusCode.CANCELLED
             raise
@@ -253,8 +244,8 @@ def _stream(
                     async for response in responses:
                         yield response
             except Exception as exc:
-                status, message = _status_of(path, exc)
-                await context.abort(status, message)
+                status, message, trailing = _status_of(path, exc)
+                await context.abort(status, message, trailing)
         except (asyncio.CancelledError, GeneratorExit):  # the caller went away
             status = grpc.StatusCode.CANCELLED
             raise
@@ -271,10 +262,13 @@ def _stream(
 _OK = grpc.StatusCode.OK
 
 
-def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message that end a call whose handler raised `exc`:
-    KVError's kind, else INTERNAL (logged)."""
+def _status_of(path: str, exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """The status, message and trailing metadata that end a call whose handler
+    raised `exc`: KVError's kind and details, else INTERNAL (logged)."""
     if isinstance(exc, KVError):
-        return STATUS_OF[exc.kind], exc.message
+        status = rpc_status.status_code(exc.kind)
+        if exc.info is None:
+            return status, exc.message, ()
+        return status, exc.message, rpc_status.details_metadata(status, exc.message, exc.info)
     log.exception("unexpected error in %s", path, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}"
+    return grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}", ()

@@ -3,12 +3,13 @@
 
 Handlers validate, translate and delegate to the store; they hold no state
 and know nothing of the transport. A failure is raised as KVError, which the
-transport maps to a status code.
+transport maps to a status code. In a cluster, the node has the key's owner
+serve each call about one key (fluxkv/forwarding.py); MultiGet and MultiSet
+check the whole batch, then split it by owner here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Protocol
@@ -17,9 +18,9 @@ from fluxkv import call_context, scan_cursor
 from fluxkv.aof import AofCounters, AppendOnlyFile
 from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.cdc_queue import CdcQueue
-from fluxkv.changes import ChangeRecord, Op
+from fluxkv.changes import ChangeRecord, Op, change_bytes
 from fluxkv.config import Settings
-from fluxkv.errors import ErrorKind, KVError, invalid, shown
+from fluxkv.errors import ErrorKind, KVError, invalid, revision_mismatch, shown
 from fluxkv.forwarding import Router
 from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
@@ -27,6 +28,7 @@ from fluxkv.store import NUM_SHARDS, Store
 from fluxkv.watch import WatchHub
 
 DEFAULT_SCAN_LIMIT = 100
+_KV_METHODS = pb.DESCRIPTOR.services_by_name["KV"].methods_by_name
 
 
 class NodeStatus(Protocol):
@@ -144,8 +146,6 @@ class KVHandlers:
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Get", request, pb.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return pb.GetResponse()
@@ -153,9 +153,7 @@ class KVHandlers:
 
     async def set(self, request: pb.SetRequest) -> pb.SetResponse:
         expect = self._limits.set_request(request)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Set", request, pb.SetResponse)
-        await self._writes.admit(1, len(request.key) + len(request.value))
+        await self._writes.admit(1, change_bytes(request.key, request.value))
         outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -169,9 +167,7 @@ class KVHandlers:
             expect = request.expect_revision
             if expect <= 0:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/fluxkv.v1.KV/Delete", request, pb.DeleteResponse)
-        await self._writes.admit(1, len(request.key))
+        await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
@@ -194,7 +190,7 @@ class KVHandlers:
 
             async def remote(owner: str, indexes: list[int]) -> list[pb.GetResponse]:
                 part = pb.MultiGetRequest(keys=[keys[i] for i in indexes])
-                return list((await router.forward(owner, "/fluxkv.v1.KV/MultiGet", part, pb.MultiGetResponse)).results)
+                return list((await router.forward(owner, _KV_METHODS["MultiGet"], part)).results)
 
             results = await router.split(keys, local, remote)
         size = sum(len(r.value) for r in results)
@@ -225,7 +221,7 @@ class KVHandlers:
         size = 0
         for i, item in enumerate(items):
             expects.append(self._limits.set_request(item, f"items[{i}]: "))
-            size += _item_bytes(item)
+            size += change_bytes(item.key, item.value)
         if size > self._limits.max_batch:
             raise invalid(
                 f"MultiSet carries {size} bytes of keys and values, over the limit of "
@@ -237,11 +233,12 @@ class KVHandlers:
 
         async def local(indexes: list[int]) -> list[pb.SetResult]:
             mine = [items[i] for i in indexes]
-            return await self._sets(mine, [expects[i] for i in indexes], sum(_item_bytes(i) for i in mine))
+            size = sum(change_bytes(i.key, i.value) for i in mine)
+            return await self._sets(mine, [expects[i] for i in indexes], size)
 
         async def remote(owner: str, indexes: list[int]) -> list[pb.SetResult]:
             part = pb.MultiSetRequest(items=[items[i] for i in indexes])
-            return list((await router.forward(owner, "/fluxkv.v1.KV/MultiSet", part, pb.MultiSetResponse)).results)
+            return list((await router.forward(owner, _KV_METHODS["MultiSet"], part)).results)
 
         return pb.MultiSetResponse(results=await router.split([i.key for i in items], local, remote))
 
@@ -276,10 +273,6 @@ class KVHandlers:
         counts = self._store.shard_key_counts()
         total = sum(counts)
         limits = self._limits
-        counters = self._node.cdc_counters()
-        cdc = pb.CdcStatus(enabled=True, **dataclasses.asdict(counters)) if counters else pb.CdcStatus()
-        aof_counters = self._node.aof_counters()
-        aof = pb.AofStatus(enabled=True, **aof_counters._asdict()) if aof_counters else pb.AofStatus()
         return pb.InfoResponse(
             node_id=self._node.node_id,
             address=self._node.address,
@@ -300,9 +293,9 @@ class KVHandlers:
                 max_message_bytes=limits.max_message,
             ),
             subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
-            cdc=cdc,
+            cdc=cdc_status(self._node.cdc_counters()),
             epoch=self._store.epoch,
-            aof=aof,
+            aof=aof_status(self._node.aof_counters()),
         )
 
     async def rewrite_aof(self, request: pb.RewriteAofRequest) -> pb.RewriteAofResponse:
@@ -325,26 +318,21 @@ class KVHandlers:
 class CompatHandlers:
     """service.KVService, Flux-KV's wire API."""
 
-    def __init__(self, store: Store, settings: Settings, writes: WritePath, router: Router | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings, writes: WritePath) -> None:
         self._store = store
         self._limits = Limits(settings)
         self._writes = writes
-        self._router = router
 
     async def set(self, request: compat_pb2.SetRequest) -> compat_pb2.SetResponse:
         self._limits.key(request.key)
         value = request.value.encode()
         self._limits.value(len(value))
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Set", request, compat_pb2.SetResponse)
-        await self._writes.admit(1, len(request.key) + len(value))
+        await self._writes.admit(1, change_bytes(request.key, value))
         await self._writes.acknowledge(self._store.set(request.key, value).revision)
         return compat_pb2.SetResponse(success=True)
 
     async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Get", request, compat_pb2.GetResponse)
         item = self._store.get(request.key)
         if item is None:
             return compat_pb2.GetResponse(found=False)
@@ -360,17 +348,58 @@ class CompatHandlers:
 
     async def delete(self, request: compat_pb2.DelRequest) -> compat_pb2.DelResponse:
         self._limits.key(request.key)
-        if self._router is not None and (owner := self._router.remote_owner(request.key)):
-            return await self._router.forward(owner, "/service.KVService/Del", request, compat_pb2.DelResponse)
-        await self._writes.admit(1, len(request.key))
+        await self._writes.admit(1, change_bytes(request.key, None))
         outcome = self._store.delete(request.key)
         if outcome.existed:
             await self._writes.acknowledge(outcome.revision)
         return compat_pb2.DelResponse(success=True)
 
 
-def _item_bytes(item: pb.SetRequest) -> int:
-    return len(item.key.encode()) + len(item.value)
+def cdc_status(c: CdcCounters | None) -> pb.CdcStatus:
+    """Info's CDC status, field by field: the wire API does not follow a renamed counter."""
+    if c is None:
+        return pb.CdcStatus()
+    return pb.CdcStatus(
+        enabled=True,
+        connection=c.connection,
+        full_policy=c.full_policy,
+        queued=c.queued,
+        published=c.published,
+        confirmed=c.confirmed,
+        republished=c.republished,
+        dropped=c.dropped,
+        queue_depth=c.queue_depth,
+        queue_bytes=c.queue_bytes,
+        writes_delayed=c.writes_delayed,
+        writes_refused=c.writes_refused,
+        confirmed_revision=c.confirmed_revision,
+        spilled=c.spilled,
+    )
+
+
+def aof_status(c: AofCounters | None) -> pb.AofStatus:
+    """Info's append-only file status, field by field."""
+    if c is None:
+        return pb.AofStatus()
+    return pb.AofStatus(
+        enabled=True,
+        path=c.path,
+        fsync_policy=c.fsync_policy,
+        state=c.state,
+        size_bytes=c.size_bytes,
+        base_size_bytes=c.base_size_bytes,
+        written_revision=c.written_revision,
+        durable_revision=c.durable_revision,
+        records_written=c.records_written,
+        batches_written=c.batches_written,
+        fsyncs=c.fsyncs,
+        writes_delayed=c.writes_delayed,
+        rewrites=c.rewrites,
+        rewrite_in_progress=c.rewrite_in_progress,
+        last_rewrite_seconds=c.last_rewrite_seconds,
+        cdc_checkpoint_revision=c.cdc_checkpoint_revision,
+        error=c.error,
+    )
 
 
 def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
@@ -380,7 +409,7 @@ def _condition_failed(key: str, expected: int | None, current: int) -> KVError:
         state = f"does not exist; expected revision {expected}"
     else:
         state = f"is at revision {current}, not the expected {expected}"
-    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}")
+    return KVError(ErrorKind.ABORTED, f"condition failed: key {shown(key)} {state}", revision_mismatch(key, current))
 
 
 _EVENT_OPS = {Op.SET: pb.Event.OP_SET, Op.DELETE: pb.Event.OP_DELETE, Op.EXPIRE: pb.Event.OP_EXPIRE}

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 
 import uvloop
@@ -28,7 +28,7 @@ from fluxkv.errors import ErrorKind, KVError
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.expiry import ActiveExpiry
 from fluxkv.forwarding import Router
-from fluxkv.grpc_transport import GrpcTransport, loop_factory
+from fluxkv.grpc_transport import GrpcTransport, Handler, loop_factory
 from fluxkv.handlers import CompatHandlers, KVHandlers, WritePath
 from fluxkv.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, counter, gauge
 from fluxkv.profiling import Profiler
@@ -120,22 +120,25 @@ class Node:
             self.admin = AdminServer(settings.host, settings.admin_port, pages)
         writes = WritePath(gate, self.aof)
         kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
-        compat = CompatHandlers(self.store, settings, writes, self.router)
-        self._transport = GrpcTransport(
-            {
-                "fluxkv.v1.KV": {
-                    "Get": kv.get,
-                    "Set": kv.set,
-                    "Delete": kv.delete,
-                    "MultiGet": kv.multi_get,
-                    "MultiSet": kv.multi_set,
-                    "Scan": kv.scan,
-                    "Info": kv.info,
-                    "Watch": kv.watch,
-                    "RewriteAof": kv.rewrite_aof,
-                },
-                "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
+        compat = CompatHandlers(self.store, settings, writes)
+        services: Mapping[str, Mapping[str, Handler]] = {
+            "fluxkv.v1.KV": {
+                "Get": kv.get,
+                "Set": kv.set,
+                "Delete": kv.delete,
+                "MultiGet": kv.multi_get,
+                "MultiSet": kv.multi_set,
+                "Scan": kv.scan,
+                "Info": kv.info,
+                "Watch": kv.watch,
+                "RewriteAof": kv.rewrite_aof,
             },
+            "service.KVService": {"Set": compat.set, "Get": compat.get, "Del": compat.delete},
+        }
+        if self.router is not None:
+            services = self.router.forwarding(services)
+        self._transport = GrpcTransport(
+            services,
             settings.max_message_bytes,
             requests,
             tracing,

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
-from fluxkv.changes import ChangeRecord, ChangeSink, Op
+from fluxkv.changes import ChangeRecord, ChangeSink, Op, change_bytes
 
 NUM_SHARDS = 256
 # A Scan call stops after examining this many keys (plus the rest of the
@@ -286,7 +286,7 @@ class Store:
                     ttl = entry.expires_at_ms - now if entry.expires_at_ms else 0
                     value = entry.value if with_values else b""
                     items.append(Item(key, value, entry.mod_revision, ttl))
-                    size += len(key.encode()) + len(value)
+                    size += change_bytes(key, value)
                     if len(items) >= limit or size >= max_bytes:
                         return items, ScanPosition(token, index, key)
             self._forget_snapshot(token, index, prefix)

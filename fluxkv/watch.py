@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
-from fluxkv.changes import ChangeRecord
+from fluxkv.changes import ChangeRecord, record_bytes
 from fluxkv.errors import ErrorKind, KVError
 
 _RESYNC = "re-read the keys (note Info's revision R first, then Scan) and watch again from R + 1"
@@ -65,10 +65,7 @@ class WatchHub:
 
     def append(self, record: ChangeRecord) -> None:
         """Keep `record` (the next revision), evicting the oldest as needed."""
-        key = record.key
-        size = len(key) if key.isascii() else len(key.encode())
-        if record.value is not None:
-            size += len(record.value)
+        size = record_bytes(record)
         revision = record.revision
         slot = revision % self.max_records
         if revision - self._oldest >= self.max_records:  # full: the slot holds the oldest

@@ -28,9 +28,10 @@ import aio_pika
 import grpc
 import pygrpc_native
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
+from deploy.private_servers import EtcdServer, RabbitBroker
 from fluxkv import config
-from fluxkv.private_servers import EtcdServer, RabbitBroker
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
 from fluxkv.server import Node
 from fluxkv.tracing import Tracing
@@ -137,6 +138,19 @@ def kv(channel: grpc.aio.Channel) -> kv_pb2_grpc.KVStub:
 @pytest.fixture
 def compat(channel: grpc.aio.Channel) -> compat_kv_pb2_grpc.KVServiceStub:
     return compat_kv_pb2_grpc.KVServiceStub(channel)
+
+
+def revision_mismatch(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The metadata of the REVISION_MISMATCH ErrorInfo a failed condition carries, read as a
+    plain gRPC client does: a google.rpc.Status in the trailing metadata grpc-status-details-bin."""
+    [details] = [v for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    assert (status.code, status.message) == (grpc.StatusCode.ABORTED.value[0], error.details())
+    [detail] = status.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info)
+    assert (info.reason, info.domain) == ("REVISION_MISMATCH", "fluxkv")
+    return dict(info.metadata)
 
 
 class ServerProcess:

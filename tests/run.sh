@@ -8,7 +8,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
-# The etcd tests start etcd servers of their own (fluxkv/private_servers.py): Debian's etcd-server, and the
+# The etcd tests start etcd servers of their own (deploy/private_servers.py): Debian's etcd-server, and the
 # benchmark suite's test drives a node with h2load (Debian's nghttp2-client); each installed if missing.
 packages=()
 command -v etcd >/dev/null || packages+=(etcd-server)

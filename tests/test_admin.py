@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.private_servers import EtcdServer
 from fluxkv import config, workers
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import (

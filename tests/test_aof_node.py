@@ -16,9 +16,9 @@ import aio_pika
 import grpc
 import pytest
 
+from deploy.private_servers import RabbitBroker
 from fluxkv import config, workers
 from fluxkv.changes import Op
-from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 

@@ -4,6 +4,7 @@ services, health, reflection and every kind of bad input."""
 from __future__ import annotations
 
 import asyncio
+import typing
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fluxkv import handlers, rpc_status
+from fluxkv.aof import AofCounters
+from fluxkv.cdc_publisher import CdcCounters
 from fluxkv.changes import ChangeRecord, Op
+from fluxkv.errors import ErrorKind
 from fluxkv.proto import compat_kv_pb2 as cpb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
@@ -21,6 +26,7 @@ from .conftest import (
     eventually,
     http_get,
     node_whose_writes_wait,
+    revision_mismatch,
     server_version,
     settings,
     writes_waiting,
@@ -35,6 +41,13 @@ async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in details
     return details
+
+
+def test_each_error_kind_is_the_grpc_status_code_of_its_name_both_ways() -> None:
+    for kind in ErrorKind:
+        code = rpc_status.status_code(kind)
+        assert code.name == kind.name and rpc_status.kind_of_status(code) is kind
+    assert rpc_status.kind_of_status(grpc.StatusCode.INTERNAL) is None
 
 
 # -- fluxkv.v1.KV ------------------------------------------------------------
@@ -144,6 +157,33 @@ async def test_conditional_delete(kv: kv_pb2_grpc.KVStub) -> None:
     )
 
 
+async def test_a_failed_condition_carries_the_current_revision_in_its_details(kv: kv_pb2_grpc.KVStub) -> None:
+    first = await kv.Set(pb.SetRequest(key="k", value=b"1"))
+    second = await kv.Set(pb.SetRequest(key="k", value=b"2"))
+    refused = [
+        kv.Set(pb.SetRequest(key="k", value=b"3", expect_revision=first.revision)),
+        kv.Set(pb.SetRequest(key="k", value=b"3", expect_revision=0)),
+        kv.Delete(pb.DeleteRequest(key="k", expect_revision=first.revision)),
+    ]
+    for call in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert revision_mismatch(info.value) == {"key": "k", "revision": str(second.revision)}
+    for call in (  # an absent key is at revision 0
+        kv.Set(pb.SetRequest(key="absent", value=b"v", expect_revision=7)),
+        kv.Delete(pb.DeleteRequest(key="absent", expect_revision=7)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert revision_mismatch(info.value) == {"key": "absent", "revision": "0"}
+    # The key travels whole, even at the limit (FLUX_MAX_KEY_BYTES), where the message shows only its start.
+    longest = "é" * 2048
+    await kv.Set(pb.SetRequest(key=longest, value=b"v"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await kv.Set(pb.SetRequest(key=longest, value=b"w", expect_revision=0))
+    assert revision_mismatch(info.value) == {"key": longest, "revision": str(second.revision + 1)}
+
+
 async def test_multi_set_and_multi_get(kv: kv_pb2_grpc.KVStub) -> None:
     await kv.Set(pb.SetRequest(key="taken", value=b"old"))
     response = await kv.MultiSet(
@@ -217,6 +257,21 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
     ]
     served = f"{server_version(grpc_server)} serves {node.address} (FLUX_GRPC_SERVER={grpc_server}, "
     assert info.subsystems[-1].detail == f"{served}FLUX_EVENT_LOOP=auto) on asyncio's event loop"  # pytest's loop
+
+
+def test_info_statuses_carry_every_counter_by_name() -> None:
+    # Info's CdcStatus and AofStatus are built field by field: each counter reaches its field, and
+    # every field but `enabled` has its counter.
+    for counters, build in ((CdcCounters, handlers.cdc_status), (AofCounters, handlers.aof_status)):
+        types = typing.get_type_hints(counters)
+        values = {
+            name: {str: f"value of {name}", int: i + 1, bool: True, float: i + 0.5}[kind]
+            for i, (name, kind) in enumerate(types.items())
+        }
+        status = build(counters(**values))
+        assert {f.name for f in status.DESCRIPTOR.fields} == {"enabled", *values}
+        assert status.enabled and all(getattr(status, name) == value for name, value in values.items())
+        assert not build(None).enabled
 
 
 # -- bad input ---------------------------------------------------------------

@@ -9,32 +9,38 @@ import io
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from deploy.private_servers import EtcdServer, free_port
 from fluxkv import bench
 from fluxkv.bench_hist import RELATIVE_ERROR, Histogram
-from fluxkv.bench_load import Tally, drive
+from fluxkv.bench_load import Tally, drive, key_name
 from fluxkv.bench_report import Progress, Result, machine, summary, to_json
-from fluxkv.private_servers import EtcdServer, free_port
+from fluxkv.hash_ring import HashRing
+from fluxkv.proto import kv_pb2, kv_pb2_grpc
 
 from .conftest import GRPC_SERVERS, ROOT, ServerProcess, server_process
 
 BENCH = [sys.executable, str(ROOT / "cmd" / "fluxkv-bench")]
 SCHEMA_FIELDS = {
     "tool", "schema", "time", "machine", "settings", "nodes", "requests", "duration_s", "successes", "failures",
-    "throughput_per_s", "items_per_s", "latency_ms", "client_cpu_us_per_request", "server_cpu_us_per_request",
-    "interrupted",
+    "throughput_per_s", "items_per_s", "latency_ms", "client_cpu_us_per_request", "client_cpu_busiest_process",
+    "server_cpu_us_per_request", "client_bound", "interrupted",
 }  # fmt: skip
 LATENCY_FIELDS = ["min", "avg", "p50", "p90", "p95", "p99", "p99_9", "max"]
+KV = "fluxkv.v1.KV/"
 
 
 @pytest.fixture(scope="module", params=GRPC_SERVERS)
@@ -48,6 +54,31 @@ def run_bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """A run of fluxkv-bench that must complete; its JSON result."""
+    out = tmp_path / f"{uuid.uuid4().hex}.json"
+    done = run_bench(*args, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    record: dict[str, Any] = json.loads(out.read_text())
+    return record
+
+
+def served(server: ServerProcess) -> dict[tuple[str, str], int]:
+    """The calls a node served, by method and status code, from its own /metrics (none of its Info calls yet)."""
+    port = server.wait_for(r"admin on http://[^/]+:(\d+)/")[0].group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    pattern = r'^fluxkv_requests_total\{method="([^"]+)",code="([^"]+)"\} (\S+)$'
+    counts = {(m, code): int(float(n)) for m, code, n in re.findall(pattern, text, re.MULTILINE)}
+    return {key: n for key, n in counts.items() if n}
+
+
+def info(address: str) -> kv_pb2.InfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        answer: kv_pb2.InfoResponse = kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=30)
+        return answer
+
+
 # -- arguments ----------------------------------------------------------------------
 
 
@@ -55,7 +86,7 @@ def test_defaults() -> None:
     args = bench.parse_args([])
     assert (args.concurrency, args.requests, args.conns, args.processes) == (100, 100_000, 1, 1)
     assert (args.value_size, args.keyspace, args.workload, args.warmup) == (100, 100_000, "set", 1000)
-    assert args.addr == ["localhost:50052"] and args.target == "fluxkv"
+    assert args.addr == ["localhost:50052"] and args.target == "fluxkv" and args.engine == "lean"
     assert args.batch is None and args.read_ratio is None and args.rate is None and args.duration is None
 
 
@@ -72,6 +103,7 @@ def test_defaults() -> None:
         (["--etcd", "e1:2379,e2:2379"], {"etcd": ["e1:2379", "e2:2379"]}),
         (["--target", "etcd", "-t", "get", "--addr", "h:2379"], {"target": "etcd", "workload": "get"}),
         (["--no-preload", "-t", "get"], {"no_preload": True}),
+        (["--engine", "grpcio"], {"engine": "grpcio"}),
     ],
 )
 def test_good_arguments(argv: list[str], expected: dict[str, Any]) -> None:
@@ -91,6 +123,7 @@ def test_good_arguments(argv: list[str], expected: dict[str, Any]) -> None:
         (["--read-ratio", "0.5"], "--read-ratio applies to -t mixed"),
         (["-t", "mixed", "--read-ratio", "1.5"], "must be from 0 to 1"),
         (["-t", "nope"], "invalid choice"),
+        (["--engine", "h3"], "invalid choice"),
         (["--target", "etcd", "-t", "mset"], "--target etcd sends -t set or get"),
         (["--target", "etcd", "--addr", "a:1,b:2"], "needs exactly one --addr"),
         (["--addr", "a:1", "--etcd", "e:2379"], "not allowed with argument"),
@@ -153,11 +186,11 @@ def test_histograms_merge_and_cross_processes() -> None:
 # -- output -------------------------------------------------------------------------
 
 
-def result(failures: dict[str, int], batch: int = 1) -> Result:
+def result(failures: dict[str, int], batch: int = 1, client_cpu_s: float = 0.01, busiest: float = 0.4) -> Result:
     hist = Histogram()
     for ms in range(1, 101):  # 1 .. 100 ms
         hist.record(ms * 1_000_000)
-    return Result("2026-11-22T00:00:00+00:00", hist, failures, 2.0, batch, 0.01, 0.02, interrupted=False)
+    return Result("2026-11-22T00:00:00+00:00", hist, failures, 2.0, batch, client_cpu_s, busiest, 0.02, False)
 
 
 def test_json_record_counts_only_successes_as_throughput() -> None:
@@ -173,12 +206,34 @@ def test_json_record_counts_only_successes_as_throughput() -> None:
     assert abs(record["latency_ms"]["p50"] - 50) <= 50 * RELATIVE_ERROR
     assert record["client_cpu_us_per_request"] == round(0.01e6 / 104, 2)
     assert record["server_cpu_us_per_request"] == round(0.02e6 / 104, 2)
+    assert record["client_cpu_busiest_process"] == 0.4 and record["client_bound"] == []
     assert record["settings"]["batch"] == 10 and record["settings"]["workload"] == "mset"
     json.dumps(record)  # serializable as is
     text = summary(record)
     assert "failures:   DEADLINE_EXCEEDED 1, UNAVAILABLE 3" in text
     assert "50.0 requests/s (successful requests only)" in text and "500.0 items/s" in text
-    assert "p99.9" in text and "pid 1 and its children" in text
+    assert "p99.9" in text and "pid 1 and its children" in text and "busiest process: 40% of a core" in text
+    assert "lean engine" in text and "WARNING" not in text
+
+
+@pytest.mark.parametrize(
+    ("client_cpu_s", "busiest", "reasons"),
+    [
+        (0.03, 0.5, ["the client's CPU per request (300.0 µs) is above the server's (200.0 µs)"]),
+        (0.01, 0.95, ["a client process was busy 95% of a core"]),
+        (0.03, 1.02, ["the client's CPU per request (300.0 µs) is above the server's (200.0 µs)",
+                      "a client process was busy 102% of a core"]),
+    ],
+)  # fmt: skip
+def test_a_client_that_may_set_the_pace_is_named_in_the_summary_and_the_json(
+    client_cpu_s: float, busiest: float, reasons: list[str]
+) -> None:
+    args = bench.parse_args(["--server-pid", "1"])
+    record = to_json(result({}, client_cpu_s=client_cpu_s, busiest=busiest), vars(args), ["n:1"], machine())
+    assert record["client_bound"] == reasons
+    text = summary(record)
+    assert "WARNING: the client may be the bottleneck, not the server:" in text
+    assert all(f"    {reason}\n" in text for reason in reasons)
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
@@ -276,6 +331,7 @@ def test_a_run_against_a_node_writes_json_and_history(node: ServerProcess, tmp_p
     assert (record["successes"], record["requests"], record["failures"]) == (2000, 2000, {})
     assert record["interrupted"] is False and record["nodes"] == [node.address]
     assert record["server_cpu_us_per_request"] > 0 and record["client_cpu_us_per_request"] > 0
+    assert 0 < record["client_cpu_busiest_process"] and isinstance(record["client_bound"], list)
     assert all(record["latency_ms"][name] > 0 for name in LATENCY_FIELDS)
     assert record["machine"]["fluxkv"] and record["settings"]["concurrency"] == 20
     assert "====== SET on fluxkv ======" in done.stdout and "successes:  2000" in done.stdout
@@ -302,12 +358,88 @@ def test_workloads_in_process(node: ServerProcess, tmp_path: Path, argv: list[st
     assert record["items_per_s"] == pytest.approx(record["throughput_per_s"] * batch, rel=1e-3)
 
 
+# What the node counted of each run, from its /metrics and Info. Every run probes the first
+# key once before the load and once on each channel of each client process; the warmup's
+# requests reach the node too. Each write is one revision, each MultiSet item too.
+@pytest.mark.parametrize(
+    ("argv", "method"),
+    [
+        (["-t", "set"], "Set"),
+        (["-t", "set", "--engine", "grpcio"], "Set"),
+        (["-t", "set", "--rate", "2000", "--conns", "2"], "Set"),
+        (["-t", "set", "--processes", "2", "-n", "1001"], "Set"),
+        (["-t", "get", "-r", "500"], "Get"),
+        (["-t", "mset", "-P", "20"], "MultiSet"),
+        (["-t", "mget", "-P", "5", "-r", "300", "--conns", "2"], "MultiGet"),
+    ],
+)
+def test_each_workload_sends_what_the_node_counts(
+    server: ServerProcess, tmp_path: Path, argv: list[str], method: str
+) -> None:
+    record = bench_json(tmp_path, "--addr", server.address, "-n", "1000", "-c", "20", "--warmup", "50", *argv)
+    calls, node = served(server), info(server.address)
+    s = record["settings"]
+    requests, batch, reads = s["requests"], s["batch"] or 1, s["workload"] in ("get", "mget")
+    assert (record["successes"], record["failures"], record["requests"]) == (requests, {}, requests)
+    probes = 1 + s["conns"] * s["processes"]
+    preload = {(KV + "MultiSet", "OK"): 1} if reads else {}  # the key space fits one MultiSet
+    assert calls == {(KV + method, "OK"): probes + s["warmup"] + requests, **preload}
+    # Reads change nothing after the preload; each write is a revision (an mset probe writes one key).
+    assert node.revision == (s["keyspace"] if reads else probes + (s["warmup"] + requests) * batch)
+    if s["rate"]:  # request i is due at i / rate
+        assert record["duration_s"] >= (requests - 1) / s["rate"]
+
+
+def test_mixed_reads_and_writes_add_up_to_the_node_s_counts(server: ServerProcess, tmp_path: Path) -> None:
+    argv = ["--addr", server.address, "-t", "mixed", "--read-ratio", "0.7", "-r", "1000", "-n", "2000"]
+    record = bench_json(tmp_path, *argv, "-c", "20", "--warmup", "100")
+    calls, node = served(server), info(server.address)
+    gets, sets = calls.pop((KV + "Get", "OK")), calls.pop((KV + "Set", "OK"))
+    assert calls == {(KV + "MultiSet", "OK"): 1} and (record["successes"], record["failures"]) == (2000, {})
+    assert gets + sets == 2 + 100 + 2000 and 0.3 < sets / gets < 0.6  # the probes are Gets
+    assert (node.revision, node.key_count) == (1000 + sets, 1000)
+
+
+@pytest.mark.usefixtures("grpc_server")
+def test_a_status_the_node_refuses_with_is_a_failure_by_its_code(tmp_path: Path) -> None:
+    # Values over FLUX_MAX_VALUE_BYTES: every Set of the mixed load answers INVALID_ARGUMENT
+    # (with HTTP status 200), every Get (of a missing key) succeeds.
+    with server_process(env={"FLUX_MAX_VALUE_BYTES": "50"}) as node:
+        argv = ["--addr", node.address, "-t", "mixed", "--no-preload", "-d", "100", "-n", "1000", "--warmup", "0"]
+        record = bench_json(tmp_path, *argv, "-c", "10")
+        calls, revision = served(node), info(node.address).revision
+    refused = record["failures"]["INVALID_ARGUMENT"]
+    assert set(record["failures"]) == {"INVALID_ARGUMENT"} and record["successes"] + refused == 1000
+    assert calls == {(KV + "Get", "OK"): record["successes"] + 2, (KV + "Set", "INVALID_ARGUMENT"): refused}
+    assert revision == 0 and 300 < refused < 700
+
+
+@pytest.mark.usefixtures("grpc_server")
+def test_etcd_routing_sends_every_key_to_its_owner(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    prefix = f"/fluxkv-bench-test/{uuid.uuid4().hex[:8]}/"
+    env = {"FLUX_ETCD_ENDPOINTS": etcd_server.endpoint, "FLUX_ETCD_PREFIX": prefix}
+    with server_process(env=env) as a, server_process(env=env) as b:
+        a.wait_for("registered in etcd")
+        b.wait_for("registered in etcd")
+        argv = ["--etcd", etcd_server.endpoint, "--etcd-prefix", prefix, "-t", "mset", "-P", "5", "-n", "500"]
+        record = bench_json(tmp_path, *argv, "-c", "10", "--warmup", "50")
+        nodes = {n: info(n) for n in record["nodes"]}
+    assert sorted(nodes) == sorted([a.address, b.address]) and (record["successes"], record["failures"]) == (500, {})
+    # Each call went to the owner of its keys: only the probes of key 0, which every node gets, were forwarded.
+    owner = HashRing(record["nodes"], 160).owner(key_name(0))
+    etcd = {n: next(s.detail for s in i.subsystems if s.name == "etcd") for n, i in nodes.items()}
+    forwarded = {n: re.findall(r"(\d+) calls forwarded", detail) for n, detail in etcd.items()}
+    assert forwarded == {n: ["0" if n == owner else "2"] for n in nodes}
+    assert sum(i.revision for i in nodes.values()) == 4 + 5 * (50 + 500)
+    assert all(i.revision > 500 for i in nodes.values())  # both took a share
+
+
 def test_client_processes_merge_their_counts(node: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     done = run_bench("--addr", node.address, "-n", "1001", "-c", "10", "--processes", "2", "--json", str(out))
     assert done.returncode == 0, done.stderr
     record = json.loads(out.read_text())
-    assert (record["successes"], record["failures"]) == (1001, {})
+    assert (record["successes"], record["failures"]) == (1001, {}) and 0 < record["client_cpu_busiest_process"]
 
 
 def test_a_server_that_cannot_be_reached_exits_3_before_the_load() -> None:

@@ -23,7 +23,7 @@ from fluxkv.changes import Op
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
-from .conftest import BROKER, ROOT, Names, running_node
+from .conftest import BROKER, ROOT, Names, closed_port, running_node
 from .test_tracing import node_tracing
 
 
@@ -277,3 +277,24 @@ async def test_flux_kv_format_publishes_a_message_per_change_and_confirms_them_i
     assert all(a is not None and a["messaging.batch.message_count"] == a["fluxkv.cdc.events"] for a in publishes)
     assert sum(a["fluxkv.cdc.events"] for a in publishes if a is not None) == final
     assert max(a["messaging.batch.message_count"] for a in publishes if a is not None) >= 100
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_a_change_weighs_its_keys_utf8_bytes_in_the_queue_and_the_watch_history() -> None:
+    # "ключ" is 4 characters and 8 bytes in UTF-8: a Set below weighs 10 bytes, a Delete 9,
+    # so a 30-byte queue holds three of them (counted by characters, it would hold a fourth).
+    broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    overrides = {"rabbitmq_url": broker, "cdc_queue_bytes": 30, "cdc_block_timeout_ms": 100, "cdc_flush_timeout_s": 0.1}
+    async with running_node(watch_history_bytes=20, **overrides) as (node, kv):
+        assert node.cdc is not None
+        await kv.Set(pb.SetRequest(key="ключ1", value=b"v"))
+        await kv.MultiSet(pb.MultiSetRequest(items=[pb.SetRequest(key="ключ2", value=b"v")]))
+        await kv.Delete(pb.DeleteRequest(key="ключ1"))  # 9 bytes
+        assert node.cdc.counters().queue_bytes == 10 + 10 + 9
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await kv.Set(pb.SetRequest(key="ключ3", value=b"v"))
+        assert full.value.code() == grpc.StatusCode.UNAVAILABLE and "the CDC queue is full" in str(full.value.details())
+        # The watch history holds the last changes that fit in 20 bytes: the MultiSet's and the Delete's.
+        info = await kv.Info(pb.InfoRequest())
+        watch = next(s.detail for s in info.subsystems if s.name == "watch")
+        assert "holds revisions 2 to 3 (2 changes, 19 bytes" in watch, watch

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 
+from deploy.private_servers import RabbitBroker
 from fluxkv.changes import Op
-from fluxkv.private_servers import RabbitBroker
 from fluxkv.proto import kv_pb2 as pb
 
 from .conftest import Names, running_node

@@ -25,11 +25,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deploy.private_servers import RabbitBroker
 from fluxkv.cdc_consumer import CdcConsumer, CdcError, PoisonMessageError
 from fluxkv.cdc_dedup import WINDOW, Deduplicator
 from fluxkv.cdc_events import CONTENT_TYPE, decode_batch, encode_event, encode_flux_kv, join_events
 from fluxkv.changes import ChangeRecord, Op
-from fluxkv.private_servers import RabbitBroker
 from fluxkv.store import shard_of
 
 from .conftest import BROKER, ROOT, Names

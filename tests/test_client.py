@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from fluxkv import (
     Client,
@@ -33,6 +34,7 @@ from fluxkv import (
     Unavailable,
     WatchEvent,
 )
+from fluxkv.client import _error
 from fluxkv.hash_ring import HashRing
 from fluxkv.server import Node
 
@@ -190,6 +192,33 @@ async def test_failed_conditions_raise_condition_failed_with_the_current_revisio
         )
         assert [r.applied for r in results] == [True, False, True]
         assert results[1].revision == results[0].revision  # the key's current revision
+
+
+def condition_failed(
+    message: str, *infos: error_details_pb2.ErrorInfo, details: bytes | None = None
+) -> ConditionFailed:
+    """What the SDK raises for an ABORTED call whose grpc-status-details-bin holds `infos` (or raw `details`)."""
+    status = status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=message)
+    for info in infos:
+        status.details.add().Pack(info)
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", details or status.SerializeToString()))
+    error = _error(grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, grpc.aio.Metadata(), trailing, message), "n1:1")
+    assert isinstance(error, ConditionFailed)
+    return error
+
+
+def test_condition_failed_takes_the_revision_from_the_details_not_the_message() -> None:
+    mismatch = error_details_pb2.ErrorInfo(
+        reason="REVISION_MISMATCH", domain="fluxkv", metadata={"key": "k", "revision": "42"}
+    )
+    error = condition_failed("someone wrote it first", mismatch)
+    assert (error.revision, error.message, error.node) == (42, "someone wrote it first", "n1:1")
+    other = error_details_pb2.ErrorInfo(reason="REVISION_MISMATCH", domain="example.com", metadata={"revision": "7"})
+    assert condition_failed("key 'k' is at revision 5", other, mismatch).revision == 42
+    # Without FluxKV's details the revision is unknown, whatever the message says.
+    assert condition_failed("key 'k' is at revision 5").revision is None
+    assert condition_failed("key 'k' is at revision 5", other).revision is None
+    assert condition_failed("key 'k' is at revision 5", details=b"not a Status").revision is None
 
 
 @pytest.mark.usefixtures("grpc_server")

@@ -18,16 +18,16 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from fluxkv import Client, EtcdNodes, KeyValue, SyncClient
+from deploy.private_servers import EtcdServer
+from fluxkv import Client, EtcdNodes, KeyValue, SyncClient, forwarding
 from fluxkv.call_context import FORWARDED_BY
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.hash_ring import HashRing
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import compat_kv_pb2 as compat_pb
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb
 
-from .conftest import ROOT, eventually, server_process
+from .conftest import ROOT, eventually, revision_mismatch, server_process
 
 pytestmark = pytest.mark.usefixtures("grpc_server")
 
@@ -153,14 +153,38 @@ async def test_a_node_forwards_the_keys_it_does_not_own(etcd_server: EtcdServer,
                 assert (await owner.Get(pb.GetRequest(key=key), metadata=mine)).value == key.encode()
                 assert not (await other.Get(pb.GetRequest(key=key), metadata=mine)).found
                 assert (await other.Get(pb.GetRequest(key=key))).value == key.encode()  # forwarded
+            # A forwarded call's failure reaches the caller with the owner's details.
+            key = next(k for k in keys if ring.owner(k) == b.address)
+            revision = (await kv_b.Get(pb.GetRequest(key=key))).mod_revision
+            for refused in (
+                kv_a.Set(pb.SetRequest(key=key, value=b"again", expect_revision=0)),
+                kv_a.Delete(pb.DeleteRequest(key=key, expect_revision=revision + 1)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await refused
+                assert failed.value.code() == grpc.StatusCode.ABORTED
+                assert f"(from {b.address}, the key's owner)" in (failed.value.details() or "")
+                assert revision_mismatch(failed.value) == {"key": key, "revision": str(revision)}
             many = await kv_b.MultiGet(pb.MultiGetRequest(keys=keys))
             assert [r.value for r in many.results] == [k.encode() for k in keys]
             compat = compat_kv_pb2_grpc.KVServiceStub(cb)
             await compat.Set(compat_pb.SetRequest(key="flux", value="kv"))
             assert (await compat_kv_pb2_grpc.KVServiceStub(ca).Get(compat_pb.GetRequest(key="flux"))).value == "kv"
             infos = [await kv.Info(pb.InfoRequest()) for kv in (kv_a, kv_b)]
+            owner_channel, other_channel = (ca, cb) if ring.owner("flux") == a.address else (cb, ca)
+            await compat_kv_pb2_grpc.KVServiceStub(other_channel).Del(compat_pb.DelRequest(key="flux"))
+            on_owner = compat_kv_pb2_grpc.KVServiceStub(owner_channel)
+            assert not (await on_owner.Get(compat_pb.GetRequest(key="flux"), metadata=mine)).found
         assert sum(i.key_count for i in infos) == len(keys) + 1
         assert all(i.key_count > 50 for i in infos)
+
+
+def test_only_a_unary_call_about_one_key_can_be_forwarded_by_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    router = forwarding.Router("", 160, 1024)
+    for method in ("Scan", "Watch", "MultiGet"):  # a prefix; streaming; many keys
+        monkeypatch.setattr(forwarding, "ONE_KEY_CALLS", {"fluxkv.v1.KV": (method,)})
+        with pytest.raises(ValueError, match=f"fluxkv.v1.KV.{method} is not a unary call about the key"):
+            router.forwarding({"fluxkv.v1.KV": {method: lambda request: request}})
 
 
 async def test_workers_each_serve_and_register_and_stop_together(

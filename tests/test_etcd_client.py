@@ -1,4 +1,4 @@
-"""fluxkv.etcd_client against a real etcd (fluxkv/private_servers.py): keys, leases, watches, compaction, failover,
+"""fluxkv.etcd_client against a real etcd (deploy/private_servers.py): keys, leases, watches, compaction, failover,
 deadlines, and etcd going away and coming back."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from deploy.private_servers import EtcdServer, free_port
 from fluxkv.etcd_client import EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, WatchEvent
-from fluxkv.private_servers import EtcdServer, free_port
 from fluxkv.proto import etcd_api_pb2, etcd_api_pb2_grpc
 
 TIMEOUT_S = 5.0

@@ -12,8 +12,8 @@ import grpc
 import orjson
 import pytest
 
+from deploy.private_servers import EtcdServer
 from fluxkv import config, logs
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 

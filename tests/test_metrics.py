@@ -12,8 +12,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.private_servers import EtcdServer
 from fluxkv import metrics
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import compat_kv_pb2 as cpb
 from fluxkv.proto import compat_kv_pb2_grpc
 from fluxkv.proto import kv_pb2 as pb

@@ -1,4 +1,4 @@
-"""The private RabbitMQ node of fluxkv/private_servers.py: restart keeps durable data, kill ends the node, and a
+"""The private RabbitMQ node of deploy/private_servers.py: restart keeps durable data, kill ends the node, and a
 port taken while it was down makes start() fail clearly; a broker with a user of its own, and nothing left after
 close()."""
 
@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from aio_pika import DeliveryMode, Message
 
-from fluxkv.private_servers import RabbitBroker, RabbitBrokerError
+from deploy.private_servers import RabbitBroker, RabbitBrokerError
 
 SYSTEM_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE = "fluxkv-durable"

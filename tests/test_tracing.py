@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 
+from deploy.private_servers import EtcdServer
 from fluxkv import Client, ConditionFailed, config, tracing
-from fluxkv.private_servers import EtcdServer
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.tracing import Tracing
 
