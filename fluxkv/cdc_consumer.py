@@ -45,6 +45,7 @@ from aiormq.exceptions import (
 )
 
 from fluxkv import __version__, config, logs
+from fluxkv.backoff import Backoff
 from fluxkv.cdc_dedup import Deduplicator
 from fluxkv.cdc_events import Event, SchemaError, decode_batch, join_events
 
@@ -108,7 +109,7 @@ class CdcConsumer:
     starts consuming and returns; every event published from then on is
     delivered. Leaving closes the connection: messages not acked go back to the
     queue. A lost connection is retried for ever, the delay doubling from
-    RETRY_MIN_S to RETRY_MAX_S; what was not acked is delivered again and
+    RETRY_MIN_S to RETRY_MAX_S with jitter (fluxkv/backoff.py); what was not acked is delivered again and
     deduplicated. Fatal errors raise CdcError (from entering or iterating).
 
     Iterate over events, or over groups of them with `batches()`. Either way a
@@ -257,7 +258,7 @@ class CdcConsumer:
     async def _connect_forever(self) -> None:
         """Consume, reconnecting with backoff; log a failure to connect only
         when its reason changes, so that an outage takes a line or two."""
-        delay = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         last_reason = ""
         while True:
             session = _Session()
@@ -270,7 +271,8 @@ class CdcConsumer:
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._consuming:
-                    delay, last_reason = RETRY_MIN_S, ""
+                    backoff.reset()
+                    last_reason = ""
                     log.warning(
                         "lost the connection to %s (%s); reconnecting",
                         self._where,
@@ -289,8 +291,7 @@ class CdcConsumer:
             finally:
                 session.alive = False
                 self._consuming = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _consume(self, session: _Session) -> None:
         """Connect, declare, bind and consume until the connection is lost;

@@ -15,7 +15,7 @@ AMQP messages and publishes them to RabbitMQ with publisher confirms.
   written to one channel in revision order. Records leave the queue (making
   room for writes) only once the broker has confirmed them.
 - When the connection fails, or the broker refuses a message, the publisher
-  reconnects with exponential backoff and publishes every unconfirmed batch
+  reconnects with jittered exponential backoff and publishes every unconfirmed batch
   again, oldest first, before anything new: delivery is at least once, and a
   consumer that drops (node, epoch, rev) it has seen gets every event in order.
 - With the append-only file on, the publisher publishes a change only once
@@ -46,6 +46,7 @@ from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from fluxkv import cdc_events
 from fluxkv.aof import AppendOnlyFile
+from fluxkv.backoff import Backoff
 from fluxkv.cdc_queue import CdcQueue
 from fluxkv.changes import record_bytes
 from fluxkv.config import Settings, redact_url
@@ -242,7 +243,7 @@ class CdcPublisher:
                     self._aof.cdc_safe_revision - self.confirmed_revision,
                 )
         where = redact_url(self._url)
-        backoff = RECONNECT_MIN_S
+        backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
         last_error = ""
         while True:
             connection: AbstractConnection | None = None
@@ -263,7 +264,7 @@ class CdcPublisher:
                     f", {len(self._in_flight)} unconfirmed batches to publish again" if self._in_flight else "",
                     extra={"event": "cdc_connected"},
                 )
-                backoff = RECONNECT_MIN_S
+                backoff.reset()
                 last_error = ""
                 await self._pump(connection, channel)
             except Exception as exc:
@@ -291,8 +292,7 @@ class CdcPublisher:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
             self._report_drops()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_MAX_S)
+            await asyncio.sleep(backoff.next_delay())
 
     async def flush(self, timeout: float) -> bool:
         """Publish what is queued now, without lingering, and wait until the

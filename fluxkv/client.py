@@ -37,7 +37,6 @@ the fan-out and the merging of watch streams, with threads in place of tasks.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections import deque
 from collections.abc import (
@@ -61,6 +60,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from fluxkv import __version__, rpc_status
+from fluxkv.backoff import jittered_delay
 from fluxkv.discovery import DEFAULT_PREFIX, EtcdNodes
 from fluxkv.errors import ErrorKind, current_revision
 from fluxkv.hash_ring import DEFAULT_VNODES, HashRing
@@ -166,8 +166,8 @@ class Retry:
     """How a call that failed with UNAVAILABLE is tried again: at most `attempts`
     attempts in all, within the call's deadline. Before attempt n + 1 the client
     waits between half and all of min(max_backoff_s, backoff_s * 2 ** (n - 1)),
-    at random (so clients that failed together do not retry together). The
-    defaults wait at most 0.1 + 0.2 + 0.4 s in all."""
+    at random (equal jitter, fluxkv/backoff.py: clients that failed together do
+    not retry together). The defaults wait at most 0.1 + 0.2 + 0.4 s in all."""
 
     attempts: int = 4
     backoff_s: float = 0.1
@@ -179,8 +179,7 @@ class Retry:
 
     def delay(self, failed: int) -> float:
         """Seconds to wait after `failed` attempts."""
-        cap = min(self.max_backoff_s, self.backoff_s * 2 ** (failed - 1))
-        return random.uniform(cap / 2, cap)
+        return jittered_delay(self.backoff_s, self.max_backoff_s, failed - 1)
 
 
 # -- errors ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Self
 
+from fluxkv.backoff import Backoff
 from fluxkv.config import Settings
 from fluxkv.etcd_client import EtcdClient, EtcdCompacted, EtcdError
 
@@ -47,7 +48,7 @@ class Discovery:
 
     async def run(self) -> None:
         """Watch for changes until cancelled, reading again whenever needed."""
-        delay = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
             try:
                 async for events in self._client.watch_prefix(self._prefix, self._revision + 1):
@@ -58,14 +59,14 @@ class Discovery:
                             self._members.pop(e.key, None)
                         self._revision = e.mod_revision
                     self._publish()
-                    delay = RETRY_MIN_S
+                    backoff.reset()
                 raise EtcdError("the watch ended")
             except EtcdCompacted as exc:
                 log.info("discovery: revision %d was compacted (%s); reading the nodes again", self._revision, exc)
             except EtcdError as exc:
+                delay = backoff.next_delay()
                 log.warning("discovery: watching %s failed (%s); reading again in %.1f s", self._prefix, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
             try:
                 await self.read()
             except EtcdError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fluxkv.backoff import Backoff
 from fluxkv.etcd_client import EtcdClient, EtcdError
 from fluxkv.metrics import Family, counter, states
 
@@ -69,15 +70,14 @@ class Registration:
 
     async def run(self) -> None:
         """Keep the lease alive, registering again whenever it is lost."""
-        delay = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
             if self.state != "registered":
                 try:
                     await self.register()
-                    delay = RETRY_MIN_S
+                    backoff.reset()
                 except EtcdError as exc:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_S)
+                    await asyncio.sleep(backoff.next_delay())
                     log.debug("cannot register yet: %s", exc)
                     continue
             await asyncio.sleep(self._ttl / 3)

@@ -7,7 +7,7 @@ port on FLUX_ADMIN_PORT + i (with port 0, each picks a free port) and, when
 FLUX_NODE_ID is set, has the id <FLUX_NODE_ID>-<i>. Every other setting is
 the parent's: the parent hands its settings to each worker through the FLUX_*
 environment. A worker that exits on its own is started again (after 1 s,
-doubling up to 30 s while it keeps failing fast) and the parent logs it;
+doubling up to 30 s with jitter while it keeps failing fast) and the parent logs it;
 SIGTERM or SIGINT to the parent stops every worker gracefully (each one
 deregisters, drains and flushes as a single node does), and so does the
 parent's death by any signal (on Linux).
@@ -24,6 +24,7 @@ import sys
 import time
 
 from fluxkv import config
+from fluxkv.backoff import Backoff, wait_or_stop
 
 log = logging.getLogger("fluxkv.workers")
 
@@ -63,7 +64,8 @@ class _Worker:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
-        self.quick_failures = 0  # exits in a row, each within _STABLE_S of its start
+        # Restart delays: they grow while it exits within _STABLE_S of each start.
+        self.restarts = Backoff(RESTART_MIN_S, RESTART_MAX_S)
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -114,14 +116,11 @@ async def _keep_running(worker: _Worker, stop: asyncio.Event) -> int:
         if stop.is_set():
             return code
         if time.monotonic() - worker.started >= _STABLE_S:
-            worker.quick_failures = 0
-        delay = min(RESTART_MIN_S * 2**worker.quick_failures, RESTART_MAX_S)
-        worker.quick_failures += 1
+            worker.restarts.reset()
+        delay = worker.restarts.next_delay()
         log.warning("worker %d (pid %d) exited with status %d; starting it again in %.0f s",
                     worker.index, worker.proc.pid, code, delay,
                     extra={"event": "worker_exited", "worker": worker.index})  # fmt: skip
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
+        if await wait_or_stop(delay, stop):
             return code
-        except TimeoutError:
-            await worker.start()
+        await worker.start()
