@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import aio_pika
 import grpc
@@ -23,16 +24,25 @@ from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 
 from .conftest import ROOT, Names, running_node, server_process
-from .test_cdc import DECODERS, EXPIRY, FORMATS, Change, Decode, deduplicated, drain, ttl_key, write_mixed
+from .test_cdc import DECODERS, EXPIRY, FORMATS, Change, Decode, deduplicated, drain, mixed_change, ttl_key, write_mixed
 
 WRITERS = 8
 
 
-async def write_until_killed(address: str, kill: asyncio.Event, count: int) -> dict[int, Change]:
+class Load(NamedTuple):
+    """What write_until_killed's callers saw: the writes acknowledged, by
+    revision, and each caller's write in flight when the node died (never
+    acknowledged, so the file may or may not hold it)."""
+
+    acked: dict[int, Change]
+    in_flight: list[Change]
+
+
+async def write_until_killed(address: str, kill: asyncio.Event, count: int) -> Load:
     """Write a mixed load (write_mixed) from WRITERS concurrent callers; set
-    `kill` once `count` writes were acknowledged; return the acknowledged ones
-    by revision once every caller has seen the node die."""
-    acked: dict[int, Change] = {}
+    `kill` once `count` writes were acknowledged; return what they saw once
+    every caller has seen the node die."""
+    load = Load({}, [])
     async with grpc.aio.insecure_channel(address) as channel:
         kv = kv_pb2_grpc.KVStub(channel)
 
@@ -43,34 +53,38 @@ async def write_until_killed(address: str, kill: asyncio.Event, count: int) -> d
                     revision, change = await write_mixed(kv, f"w{w}-", i)
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
-                    return  # the node died: this write was never acknowledged
-                acked[revision] = change
-                if len(acked) >= count:
+                    load.in_flight.append(mixed_change(f"w{w}-", i)[0])
+                    return
+                load.acked[revision] = change
+                if len(load.acked) >= count:
                     kill.set()
                 i += 1
 
         await asyncio.gather(*(writer(w) for w in range(WRITERS)))
-    return acked
+    return load
 
 
-async def killed_under_load(env: Mapping[str, str], count: int) -> tuple[dict[int, Change], str]:
-    """Start a node, load it, SIGKILL it mid-load: the acknowledged writes and its epoch."""
+async def killed_under_load(env: Mapping[str, str], count: int) -> tuple[Load, str]:
+    """Start a node, load it, SIGKILL it mid-load: what its callers saw, and its epoch."""
     with server_process(env=env) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             epoch = (await kv_pb2_grpc.KVStub(channel).Info(pb.InfoRequest())).epoch
         kill = asyncio.Event()
-        load = asyncio.create_task(write_until_killed(server.address, kill, count))
+        writes = asyncio.create_task(write_until_killed(server.address, kill, count))
         await kill.wait()
         server.proc.kill()
-        acked = await load
+        load = await writes
         assert server.wait() == -9
-    return acked, epoch
+    return load, epoch
 
 
-def final_state(acked: dict[int, Change]) -> dict[str, tuple[bytes, int]]:
+State = dict[str, tuple[bytes, int]]
+
+
+def final_state(acked: dict[int, Change]) -> State:
     """The keys these changes leave, with their values and mod revisions (a
     key set with a TTL has expired)."""
-    state: dict[str, tuple[bytes, int]] = {}
+    state: State = {}
     for revision in sorted(acked):
         op, key, value = acked[revision]
         if op is Op.SET and value is not None and not ttl_key(key):
@@ -80,7 +94,26 @@ def final_state(acked: dict[int, Change]) -> dict[str, tuple[bytes, int]]:
     return state
 
 
-async def read_back(kv: kv_pb2_grpc.KVStub, keys: list[str]) -> dict[str, tuple[bytes, int]]:
+def assert_survived(found: State, load: Load) -> None:
+    """`found` (the keys a restarted node holds) is what the acknowledged
+    writes leave; a key written by a write in flight at the kill holds that
+    either before or after it (each caller writes keys of its own, one at a
+    time, so a key has at most one such write, the last)."""
+    expected = final_state(load.acked)
+    touched = {key for _, key, _ in load.in_flight}
+    assert {k: v for k, v in found.items() if k not in touched} == {
+        k: v for k, v in expected.items() if k not in touched
+    }
+    for op, key, value in load.in_flight:
+        before = expected.get(key)
+        if op is Op.SET and not ttl_key(key):
+            after_ok = key in found and found[key][0] == value and found[key][1] not in load.acked
+        else:  # a Delete, or a Set with a 1 ms TTL: the key is gone either way once applied
+            after_ok = key not in found
+        assert found.get(key) == before or after_ok, (op, key, found.get(key), before)
+
+
+async def read_back(kv: kv_pb2_grpc.KVStub, keys: list[str]) -> State:
     found = {}
     for start in range(0, len(keys), 500):
         part = keys[start : start + 500]
@@ -94,13 +127,15 @@ async def read_back(kv: kv_pb2_grpc.KVStub, keys: list[str]) -> dict[str, tuple[
 @pytest.mark.usefixtures("grpc_server")
 async def test_no_acknowledged_write_is_lost_when_the_node_is_killed(tmp_path: Path) -> None:
     env = {"FLUX_AOF_FILENAME": str(tmp_path / "node.aof"), "FLUX_AOF_APPEND_FSYNC": "always"}
-    acked, epoch = await killed_under_load(env, 3000)
-    assert len(acked) >= 3000
+    load, epoch = await killed_under_load(env, 3000)
+    acked = load.acked
+    assert len(acked) >= 3000 and len(load.in_flight) == WRITERS
     with server_process(env=env) as server:
         assert "append-only file" in server.log and "replayed" in server.log
         async with grpc.aio.insecure_channel(server.address) as channel:
             kv = kv_pb2_grpc.KVStub(channel)
-            assert await read_back(kv, sorted({key for _, key, _ in acked.values()})) == final_state(acked)
+            written = {key for _, key, _ in [*acked.values(), *load.in_flight]}
+            assert_survived(await read_back(kv, sorted(written)), load)
             info = await kv.Info(pb.InfoRequest())
             assert info.epoch == epoch
             # Writes in flight at the kill may be in the file too (never acknowledged): above the last acknowledged.
@@ -146,7 +181,7 @@ async def test_no_acknowledged_write_is_missing_from_cdc_after_a_kill_with_the_b
         "FLUX_CDC_QUEUE": names.queue,
         "FLUX_CDC_FORMAT": cdc_format,
     }
-    acked, _ = await killed_under_load(env, 1500)
+    acked = (await killed_under_load(env, 1500))[0].acked
     await asyncio.to_thread(rabbit_broker.start)
     with server_process(env=env) as server:
         # Every revision up to the last acknowledged one: the writes, and the expiries the node recorded.

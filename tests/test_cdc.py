@@ -109,21 +109,28 @@ def ttl_key(key: str) -> bool:
     return key.endswith("/ttl")
 
 
-async def write_mixed(kv: kv_pb2_grpc.KVStub, prefix: str, i: int) -> tuple[int, Change]:
-    """Write number i of a load of sets, deletes and expiries: every tenth
-    write deletes the key of the write before it, another tenth sets a key
-    (ttl_key) with a 1 ms TTL, which the node then expires. Returns the
-    revision and the change."""
-    key = f"{prefix}{i}"
+def mixed_change(prefix: str, i: int) -> tuple[Change, int]:
+    """Write number i of a load of sets, deletes and expiries, and its TTL in
+    ms: every tenth write deletes the key of the write before it, another
+    tenth sets a key (ttl_key) with a 1 ms TTL, which the node then expires."""
     if i % 10 == 9:
-        deleted = await kv.Delete(pb.DeleteRequest(key=f"{prefix}{i - 1}"), timeout=30)
-        assert deleted.deleted
-        return deleted.revision, (Op.DELETE, f"{prefix}{i - 1}", None)
+        return (Op.DELETE, f"{prefix}{i - 1}", None), 0
     ttl_ms = 1 if i % 10 == 4 else 0
-    key += "/ttl" if ttl_ms else ""
+    key = f"{prefix}{i}" + ("/ttl" if ttl_ms else "")
     value = key.encode() if i % 10 != 6 else b"\xff" + key.encode()  # some values are not UTF-8
+    return (Op.SET, key, value), ttl_ms
+
+
+async def write_mixed(kv: kv_pb2_grpc.KVStub, prefix: str, i: int) -> tuple[int, Change]:
+    """Make write number i of mixed_change's load; its revision and change."""
+    change, ttl_ms = mixed_change(prefix, i)
+    op, key, value = change
+    if op is Op.DELETE:
+        deleted = await kv.Delete(pb.DeleteRequest(key=key), timeout=30)
+        assert deleted.deleted
+        return deleted.revision, change
     written = await kv.Set(pb.SetRequest(key=key, value=value, ttl_ms=ttl_ms), timeout=30)
-    return written.revision, (Op.SET, key, value)
+    return written.revision, change
 
 
 def deduplicated(delivered: list[Delivered]) -> list[Event]:
