@@ -29,5 +29,5 @@ USER fluxkv
 EXPOSE 50052 6060
 # Asks the node's grpc.health.v1 service on FLUX_SERVER_PORT, read from the container's environment.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "fluxkv.healthcheck"]
+    CMD ["python", "-m", "fluxkv.server.healthcheck"]
 ENTRYPOINT ["fluxkv-server"]

@@ -41,13 +41,14 @@ sys.path.insert(0, str(ROOT))
 from unary_set import NODE_ENV, Run, Server, interrupt, row, summarize  # noqa: E402
 from unary_set import bench as alternating_rounds  # noqa: E402
 
-from fluxkv import aof_format, bench_load  # noqa: E402
-from fluxkv.aof_format import Header  # noqa: E402
-from fluxkv.bench_hist import Histogram  # noqa: E402
-from fluxkv.bench_report import machine  # noqa: E402
-from fluxkv.changes import ChangeRecord, Op  # noqa: E402
+from fluxkv.aof import file_format as aof_format  # noqa: E402
+from fluxkv.aof.file_format import Header  # noqa: E402
+from fluxkv.bench import load as bench_load  # noqa: E402
+from fluxkv.bench.histogram import Histogram  # noqa: E402
+from fluxkv.bench.report import machine  # noqa: E402
+from fluxkv.core.changes import ChangeRecord, Op  # noqa: E402
+from fluxkv.core.store import shard_of  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
-from fluxkv.store import shard_of  # noqa: E402
 
 NODE = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
 OFF = "off"
@@ -62,8 +63,8 @@ MIB = 1 << 20
 # Runs in a fresh Python: imports, then times replay() alone (the node's start-up is measured apart).
 REPLAY_CHILD = """
 import json, resource, sys, time
-from fluxkv.aof import replay
-from fluxkv.store import Store
+from fluxkv.aof.file import replay
+from fluxkv.core.store import Store
 store = Store()
 started = time.perf_counter()
 result = replay(sys.argv[1], store)

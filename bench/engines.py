@@ -12,7 +12,7 @@ Set load (-c in flight on one connection, -n requests):
   replaced by h2's HTTP/2 state machine (python-hyper's, the library Python's
   HTTP/2 clients use), one H2Connection per channel, header validation off,
   no deadlines: what a client on the field's library costs;
-- fluxkv-bench --engine lean (fluxkv/bench_h2.py) on asyncio's event loop;
+- fluxkv-bench --engine lean (fluxkv/bench/h2_engine.py) on asyncio's event loop;
 - the same on uvloop's, as the tool runs it; and with --processes 2.
 
 It prints, per candidate, the median calls/s, its median ratio to h2load's in
@@ -45,9 +45,10 @@ sys.path.insert(0, str(ROOT))
 from h2load import INSTALL, h2load  # noqa: E402
 from unary_set import NODE_ENV, Server  # noqa: E402
 
-from fluxkv import bench, bench_load  # noqa: E402
-from fluxkv.bench_h2 import Failure  # noqa: E402
-from fluxkv.bench_report import machine  # noqa: E402
+from fluxkv.bench import load as bench_load  # noqa: E402
+from fluxkv.bench import main as bench  # noqa: E402
+from fluxkv.bench.h2_engine import Failure  # noqa: E402
+from fluxkv.bench.report import machine  # noqa: E402
 
 TOOL = [sys.executable, str(ROOT / "cmd" / "fluxkv-bench")]
 PATCHED = [sys.executable, str(Path(__file__).resolve()), "--patched"]

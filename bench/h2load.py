@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxkv.bench_server import cpu_seconds
+from fluxkv.bench.server_probe import cpu_seconds
 from fluxkv.proto import kv_pb2
 
 METHOD = "/fluxkv.v1.KV/Set"

@@ -21,8 +21,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fluxkv.grpc_transport import EVENT_LOOPS, SERVERS, VERSIONS, loop_factory
 from fluxkv.proto import kv_pb2
+from fluxkv.server.grpc_transport import EVENT_LOOPS, SERVERS, VERSIONS, loop_factory
 
 SERVICE = "fluxkv.v1.KV"
 

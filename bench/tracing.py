@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from unary_set import Run, Server, measure, row, summarize  # noqa: E402
 
-from fluxkv.bench_report import machine  # noqa: E402
+from fluxkv.bench.report import machine  # noqa: E402
+from fluxkv.obs.tracing import ENDPOINT_VARIABLES  # noqa: E402
 from fluxkv.proto import kv_pb2  # noqa: E402
-from fluxkv.tracing import ENDPOINT_VARIABLES  # noqa: E402
 
 NODES = (("off", None), ("10%", 0.1), ("100%", 1.0))
 ROUND_COLS = (-6, -6, 9, 9, 9, 16, 8)

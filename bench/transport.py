@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from h2load import H2loadRun, h2load  # noqa: E402
 from unary_set import Server, delete_cdc_objects, interrupt, row  # noqa: E402
 
-from fluxkv.bench_report import machine  # noqa: E402
-from fluxkv.grpc_transport import EVENT_LOOPS  # noqa: E402
+from fluxkv.bench.report import machine  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
+from fluxkv.server.grpc_transport import EVENT_LOOPS  # noqa: E402
 
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
 NOOP, NODE = "noop", "node"

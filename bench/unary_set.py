@@ -42,10 +42,10 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fluxkv.bench_report import machine  # noqa: E402
-from fluxkv.bench_server import cpu_seconds  # noqa: E402
-from fluxkv.grpc_transport import SERVERS, VERSIONS  # noqa: E402
+from fluxkv.bench.report import machine  # noqa: E402
+from fluxkv.bench.server_probe import cpu_seconds  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
+from fluxkv.server.grpc_transport import SERVERS, VERSIONS  # noqa: E402
 
 METHOD = "/fluxkv.v1.KV/Set"
 CDC = "fluxkv+cdc"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fluxkv.version import __version__
 
 if TYPE_CHECKING:
     from fluxkv.client import (
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         Watch,
         WatchEvent,
     )
-    from fluxkv.discovery import EtcdNodes
+    from fluxkv.cluster.discovery import EtcdNodes
 
 __all__ = [
     "Client",

@@ -2,7 +2,7 @@
 
 Routing. A client learns the nodes' addresses from a `NodeSource` (a fixed list
 is `StaticNodes`; etcd discovery is another) and sends each key to its owner on
-a consistent-hash ring (fluxkv/hash_ring.py, docs/routing.md), over one gRPC
+a consistent-hash ring (fluxkv/cluster/hash_ring.py, docs/routing.md), over one gRPC
 channel per node, opened on first use and kept until the node leaves or the
 client closes. Multi-key calls are split by owner, each owner's part in chunks
 within the node's batch limits; owners are called at once, each owner's chunks
@@ -59,14 +59,15 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from fluxkv import __version__, rpc_status
-from fluxkv.backoff import jittered_delay
-from fluxkv.discovery import DEFAULT_PREFIX, EtcdNodes
-from fluxkv.errors import ErrorKind, current_revision
-from fluxkv.hash_ring import DEFAULT_VNODES, HashRing
+from fluxkv.cluster.discovery import DEFAULT_PREFIX, EtcdNodes
+from fluxkv.cluster.hash_ring import DEFAULT_VNODES, HashRing
+from fluxkv.core.backoff import jittered_delay
+from fluxkv.core.errors import ErrorKind, current_revision
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
-from fluxkv.rpc_spans import client_failed, client_span
+from fluxkv.rpc import status as rpc_status
+from fluxkv.rpc.spans import client_failed, client_span
+from fluxkv.version import __version__
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -88,7 +89,7 @@ _WATCH_BUFFER = 16
 @runtime_checkable
 class NodeSource(Protocol):
     """Where a client learns the nodes' addresses ("host:port", exactly as the
-    nodes register them). StaticNodes is one; fluxkv.discovery.Discovery (etcd)
+    nodes register them). StaticNodes is one; fluxkv.cluster.discovery.Discovery (etcd)
     is another. The client does not start or stop its source."""
 
     @property
@@ -166,7 +167,7 @@ class Retry:
     """How a call that failed with UNAVAILABLE is tried again: at most `attempts`
     attempts in all, within the call's deadline. Before attempt n + 1 the client
     waits between half and all of min(max_backoff_s, backoff_s * 2 ** (n - 1)),
-    at random (equal jitter, fluxkv/backoff.py: clients that failed together do
+    at random (equal jitter, fluxkv/core/backoff.py: clients that failed together do
     not retry together). The defaults wait at most 0.1 + 0.2 + 0.4 s in all."""
 
     attempts: int = 4

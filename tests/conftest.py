@@ -4,7 +4,12 @@ RabbitMQ node for tests that stop, kill or restart one.
 
 Every test that starts a node runs once on each gRPC server (the `grpc_server`
 fixture's parameter): settings() and server_process() refuse to start a node
-in a test without it, so that no test talks to one server only."""
+in a test without it, so that no test talks to one server only.
+
+Markers (pyproject.toml): a test that uses the shared RabbitMQ broker or starts
+one is `broker`, one that starts etcd is `etcd`; pytest_collection_modifyitems
+marks the tests whose fixtures say so, the others carry the mark themselves.
+`pytest -m "not broker and not etcd"` runs what needs neither."""
 
 from __future__ import annotations
 
@@ -32,14 +37,28 @@ from google.rpc import error_details_pb2, status_pb2
 
 from deploy.private_servers import EtcdServer, RabbitBroker
 from fluxkv import config
+from fluxkv.obs.tracing import Tracing
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
-from fluxkv.server import Node
-from fluxkv.tracing import Tracing
+from fluxkv.server.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_TIMEOUT_S = 30
 READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30
+
+
+# The fixtures that need a broker (the shared one, or one of the test's own) or etcd.
+BROKER_FIXTURES = {"names", "rabbit_broker"}
+ETCD_FIXTURES = {"etcd_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & BROKER_FIXTURES:
+            item.add_marker(pytest.mark.broker)
+        if fixtures & ETCD_FIXTURES:
+            item.add_marker(pytest.mark.etcd)
 
 
 GRPC_SERVERS = ("native", "grpcio")

@@ -27,5 +27,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# The layers between fluxkv's packages, and no import cycles ([tool.importlinter] in pyproject.toml).
+.venv/bin/lint-imports --no-logo
 # pytest exits 5 when no test ran; set -e turns that into a failure.
 .venv/bin/pytest "$@"

@@ -7,8 +7,7 @@ import re
 import pytest
 
 from fluxkv import config
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 
 def test_defaults_run_standalone_on_loopback() -> None:
