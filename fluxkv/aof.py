@@ -14,10 +14,11 @@ meanwhile.
 
 With CDC on, the file is also the CDC publisher's source of truth: the
 publisher publishes only changes the file already holds as durably as the
-policy promises (cdc_safe_revision), reads back from the file what its
-in-memory queue did not keep (read_changes), and the revision the broker
-confirmed is kept in a checkpoint file beside the AOF, so that a restarted
-node publishes from there on. docs/aof.md has the format and the guarantees.
+policy promises (readable_revision, awaited with wait_past), reads back from
+the file what its in-memory queue did not keep (read_changes), and the
+revision the broker confirmed is kept in a checkpoint file beside the AOF, so
+that a restarted node publishes from there on. docs/aof.md has the format and
+the guarantees.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -180,6 +181,10 @@ class _Waiters:
     def __bool__(self) -> bool:
         return bool(self._heap)
 
+    def lowest(self) -> int:
+        """The lowest revision waited for (there must be a waiter)."""
+        return self._heap[0][0]
+
     def add(self, revision: int) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (revision, next(self._seq), future))
@@ -250,19 +255,19 @@ class AppendOnlyFile:
         self._checkpoint_written_at = 0.0
         self._read_cursor = (-1, 0, 0)  # generation, offset, last revision read before it
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The CDC publisher's view of what it may publish, changed only on the
-        # event loop (by _progress), so that want_progress() compares against
-        # what the publisher saw.
-        self.cdc_safe_revision = 0
+        # What readers may read (readable_revision), changed only on the event
+        # loop (by _progress), as its waiters see it.
+        self._readable_rev = 0
         self.writes_delayed = 0
         self._durable_waiters = _Waiters()
         self._written_waiters = _Waiters()
-        self._listeners: list[Callable[[], None]] = []
+        self._readable_waiters = _Waiters()  # each at the revision after the one it awaits passing
         # Set on the event loop when a write or sync() waits for the writer's
-        # progress, or when the CDC publisher waits for cdc_safe_revision to
-        # pass what it last saw; the writer reports only then (or an error).
+        # progress, or when a reader waits for readable_revision to pass a
+        # revision (the lowest one awaited, -1 if none); the writer reports
+        # only then (or an error).
         self._wants_progress = False
-        self._cdc_wants_past = -1
+        self._report_past = -1
 
     # -- start-up ----------------------------------------------------------------
 
@@ -283,7 +288,7 @@ class AppendOnlyFile:
         self._tail_offset = tail
         revision = self.store.revision
         self._written_rev = self._durable_rev = self._last_appended = revision
-        self.cdc_safe_revision = revision
+        self._readable_rev = revision
         self.cdc_enabled = cdc
         if cdc:
             checkpoint = self._read_checkpoint()
@@ -344,17 +349,28 @@ class AppendOnlyFile:
         """The revision of the last change appended (or replayed)."""
         return self._last_appended
 
-    def on_progress(self, listener: Callable[[], None]) -> None:
-        """Call `listener` (on the event loop) when cdc_safe_revision has grown
-        after want_progress()."""
-        self._listeners.append(listener)
+    # -- the change log's readers -------------------------------------------------
 
-    def want_progress(self) -> None:
-        """Ask for a progress report once cdc_safe_revision has grown (the CDC
-        publisher waits for that)."""
-        if self._cdc_wants_past != self.cdc_safe_revision:
-            self._cdc_wants_past = self.cdc_safe_revision
+    @property
+    def readable_revision(self) -> int:
+        """Readers may read every change up to this revision: what the file
+        holds as durably as its policy promises (fsynced with always and
+        everysec, written to the OS with no), so that no reader sees a
+        revision that a restart could give to another change."""
+        return self._readable_rev
+
+    async def wait_past(self, revision: int) -> None:
+        """Return once readable_revision is above `revision` (not while the
+        file cannot be written)."""
+        if self._readable_rev > revision:
+            return
+        waiter = self._readable_waiters.add(revision + 1)
+        if not 0 <= self._report_past <= revision:
+            # The writer may be past it already, unreported: it reports once
+            # it looks again.
+            self._report_past = revision
             self._wake.set()
+        await waiter
 
     # -- the CDC publisher's side -------------------------------------------------
 
@@ -536,8 +552,8 @@ class AppendOnlyFile:
             ):
                 self._fsync()
                 last_sync = now
-            safe = self._written_rev if self.fsync_policy == "no" else self._durable_rev
-            if self._wants_progress or 0 <= self._cdc_wants_past < safe:
+            readable = self._written_rev if self.fsync_policy == "no" else self._durable_rev
+            if self._wants_progress or 0 <= self._report_past < readable:
                 self._notify()
             if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
                 if closing or now - self._checkpoint_written_at >= CHECKPOINT_INTERVAL_S:
@@ -622,9 +638,9 @@ class AppendOnlyFile:
     def _progress(self) -> None:
         """On the event loop: publish the writer's progress (as it is now)."""
         self._wants_progress = False
-        self._cdc_wants_past = -1
         written, durable = self._written_rev, self._durable_rev
-        self.cdc_safe_revision = written if self.fsync_policy == "no" else durable
+        readable = written if self.fsync_policy == "no" else durable
+        self._readable_rev = readable
         if self.state != "ok":
             failure = KVError(
                 ErrorKind.UNAVAILABLE,
@@ -635,10 +651,11 @@ class AppendOnlyFile:
             self._written_waiters.fail(failure)
         self._durable_waiters.reached(durable)
         self._written_waiters.reached(written)
+        self._readable_waiters.reached(readable)
+        # The writer reports again once it moves on past what is still awaited.
         if self._durable_waiters or self._written_waiters:
-            self._wants_progress = True  # the writer reports again once it moves on
-        for listener in self._listeners:
-            listener()
+            self._wants_progress = True
+        self._report_past = self._readable_waiters.lowest() - 1 if self._readable_waiters else -1
 
     # -- the CDC checkpoint -------------------------------------------------------
 

@@ -122,8 +122,6 @@ class CdcPublisher:
         # flush() waits for.
         self._next = 0
         self._flush_target = 0
-        if aof is not None:
-            aof.on_progress(self._wake)
         self._url = settings.rabbitmq_url
         self._exchange_name = settings.cdc_exchange
         self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
@@ -236,11 +234,11 @@ class CdcPublisher:
         if self._aof is not None:
             self.confirmed_revision = self._aof.cdc_checkpoint
             self._next = self.confirmed_revision + 1
-            if self._aof.cdc_safe_revision >= self._next:
+            if self._aof.readable_revision >= self._next:
                 log.info(
                     "CDC resumes after revision %d (the checkpoint): %d changes to publish from the append-only file",
                     self.confirmed_revision,
-                    self._aof.cdc_safe_revision - self.confirmed_revision,
+                    self._aof.readable_revision - self.confirmed_revision,
                 )
         where = redact_url(self._url)
         backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
@@ -360,10 +358,13 @@ class CdcPublisher:
             wakeup = self._wakeup = loop.create_future()
             if not queue.pending:
                 queue.wake_on_append(wakeup)
+            readable = self._when_readable(wakeup) if source is None else None
             timer = loop.call_later(timeout, _resolve, wakeup) if timeout is not None else None
             await wakeup
             if timer is not None:
                 timer.cancel()
+            if readable is not None:
+                readable.cancel()
         raise self._failure
 
     def _source(self) -> str | None:
@@ -373,19 +374,26 @@ class CdcPublisher:
         aof = self._aof
         if aof is None:
             return "memory" if queue.pending else None
-        if self._next > aof.cdc_safe_revision:
-            # Not in the file yet (as durably as its policy promises): have
-            # the file say when it is.
-            if self._next <= aof.last_revision:
-                aof.want_progress()
-            return None
+        if self._next > aof.readable_revision:
+            return None  # not in the file yet, as durably as its policy promises
         return "memory" if queue.next_revision == self._next else "file"
+
+    def _when_readable(self, wakeup: asyncio.Future[None]) -> asyncio.Task[None] | None:
+        """A task that completes `wakeup` once the file's readable revision
+        reaches the next change to publish, if the file has that change
+        (else the queue's next append wakes the pump)."""
+        aof = self._aof
+        if aof is None or self._next > aof.last_revision:
+            return None
+        task = asyncio.ensure_future(aof.wait_past(self._next - 1))
+        task.add_done_callback(lambda _: _resolve(wakeup))
+        return task
 
     async def _file_batch(self) -> _Batch:
         """The changes from self._next on that the queue does not hold, read from the AOF."""
         aof = self._aof
         assert aof is not None
-        until = aof.cdc_safe_revision
+        until = aof.readable_revision
         if self._queue.pending:
             until = min(until, self._queue.next_revision - 1)
         records = await asyncio.to_thread(aof.read_changes, self._next - 1, until, self._batch_bytes)
@@ -404,7 +412,7 @@ class CdcPublisher:
         revisions: list[int] = []
         size = 2
         nbytes = 0
-        limit = self._aof.cdc_safe_revision if self._aof is not None else None
+        limit = self._aof.readable_revision if self._aof is not None else None
         while queue.pending and size < self._batch_bytes:
             if limit is not None and (
                 queue.next_revision > limit or (revisions and queue.next_revision != revisions[-1] + 1)

@@ -244,6 +244,31 @@ async def test_a_node_refuses_to_start_on_a_corrupt_file_and_says_how_to_repair_
     assert path.read_bytes() == bytes(data)  # left as it was
 
 
+@pytest.mark.parametrize("policy", ["always", "everysec", "no"])
+async def test_a_reader_awaits_the_readable_revision(tmp_path: Path, policy: str) -> None:
+    """A reader may read what the file holds as durably as its policy
+    promises: fsynced with always and everysec, written with no."""
+    async with open_aof(tmp_path / "node.aof", policy) as aof:
+        assert aof.readable_revision == 0
+        first = asyncio.create_task(aof.wait_past(2))
+        second = asyncio.create_task(aof.wait_past(5))  # revision 6 does not exist yet
+        for i in range(3):
+            aof.store.set(f"k{i}", b"v")
+        await first
+        c = aof.counters()
+        assert aof.readable_revision == 3 and not second.done()
+        if policy == "no":  # written to the OS, never fsynced
+            assert c.written_revision == 3 and c.fsyncs == 0 and c.durable_revision == 0
+        else:
+            assert c.durable_revision == 3 and c.fsyncs >= 1
+        await aof.wait_past(1)  # readable already: returns at once
+        for i in range(3):
+            aof.store.set(f"k{i}", b"again")
+        await second
+        assert aof.readable_revision == 6
+        assert [r.revision for r in aof.read_changes(0, aof.readable_revision, 1 << 20)] == list(range(1, 7))
+
+
 async def test_a_rewrite_under_concurrent_writes_keeps_every_key(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
     rng = random.Random(3)
