@@ -12,13 +12,12 @@ Start-up replays the file into the store (replay()). A rewrite (aof_rewrite)
 replaces the file with a snapshot of the live keys plus the changes made
 meanwhile.
 
-With CDC on, the file is also the CDC publisher's source of truth: the
-publisher publishes only changes the file already holds as durably as the
-policy promises (readable_revision, awaited with wait_past), reads back from
-the file what its in-memory queue did not keep (read_changes), and the
-revision the broker confirmed is kept in a checkpoint file beside the AOF, so
-that a restarted node publishes from there on. docs/aof.md has the format and
-the guarantees.
+The file is also a change log for readers (such as the CDC publisher), who
+keep their own offsets in it: read_changes() reads the changes after a
+revision, up to readable_revision (what the file holds as durably as the
+policy promises), which wait_past() awaits; a reader's hold() keeps every
+change after its revision through rewrites. The file knows nothing of its
+readers. docs/aof.md has the format and the guarantees.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import orjson
-
 from fluxkv import aof_format, aof_rewrite
 from fluxkv.aof_format import AofCorrupt, Header, Snapshot, Torn
 from fluxkv.changes import ChangeRecord, Op, record_bytes
@@ -50,8 +47,6 @@ log = logging.getLogger("fluxkv.aof")
 
 # A failed write is tried again this often; the node refuses writes meanwhile.
 RETRY_INTERVAL_S = 1.0
-# The checkpoint file is rewritten at most this often (and at shutdown).
-CHECKPOINT_INTERVAL_S = 1.0
 # With everysec and no, the writer lets changes accumulate this long after
 # the first one before it writes them: nobody waits for those writes, and one
 # write() and one thread wake-up per batch, not per change, is what they cost.
@@ -167,8 +162,15 @@ class AofCounters(NamedTuple):
     rewrites: int
     rewrite_in_progress: bool
     last_rewrite_seconds: float
-    cdc_checkpoint_revision: int
     error: str
+
+
+@dataclass
+class Hold:
+    """A reader's retention floor in the change log: rewrites keep every
+    change after `revision`. The reader raises it as it goes, never lowers it."""
+
+    revision: int
 
 
 class _Waiters:
@@ -215,7 +217,6 @@ class AppendOnlyFile:
         self._rewrite_percent = settings.rewrite_percent
         self._buffer_bytes = settings.buffer_bytes
         self.store = store
-        self.checkpoint_path = self.path + ".cdc-checkpoint"
         # The store's side (event loop thread).
         self._pending: deque[ChangeRecord] = deque()
         self._appended_bytes = 0
@@ -248,11 +249,7 @@ class AppendOnlyFile:
         self._rewrite_thread: threading.Thread | None = None
         self._rewrite_done: asyncio.Future[None] | None = None
         self._rewrite_abort = False
-        # CDC: the broker's confirmed revision, and what the checkpoint file holds.
-        self.cdc_enabled = False
-        self._cdc_confirmed = 0
-        self.cdc_checkpoint = 0
-        self._checkpoint_written_at = 0.0
+        self._holds: list[Hold] = []
         self._read_cursor = (-1, 0, 0)  # generation, offset, last revision read before it
         self._loop: asyncio.AbstractEventLoop | None = None
         # What readers may read (readable_revision), changed only on the event
@@ -271,9 +268,8 @@ class AppendOnlyFile:
 
     # -- start-up ----------------------------------------------------------------
 
-    def open(self, cdc: bool) -> ReplayResult | None:
-        """Replay the file into the (empty) store, or create it; with `cdc`,
-        read the checkpoint (or start one at the replayed revision)."""
+    def open(self) -> ReplayResult | None:
+        """Replay the file into the (empty) store, or create it."""
         _remove_if_present(self.path + ".rewrite")
         result = replay(self.path, self.store)
         if result is None:
@@ -289,15 +285,6 @@ class AppendOnlyFile:
         revision = self.store.revision
         self._written_rev = self._durable_rev = self._last_appended = revision
         self._readable_rev = revision
-        self.cdc_enabled = cdc
-        if cdc:
-            checkpoint = self._read_checkpoint()
-            if checkpoint is None or checkpoint > revision:
-                # No checkpoint of this file (CDC was off, or the file is new):
-                # publish from here on, and say so durably before anything else.
-                checkpoint = revision
-                self._write_checkpoint(revision)
-            self._cdc_confirmed = self.cdc_checkpoint = checkpoint
         return result
 
     def start(self) -> None:
@@ -372,13 +359,13 @@ class AppendOnlyFile:
             self._wake.set()
         await waiter
 
-    # -- the CDC publisher's side -------------------------------------------------
-
-    def cdc_confirmed(self, revision: int) -> None:
-        """The broker confirmed every change up to `revision`: checkpoint it (soon)."""
-        self._cdc_confirmed = revision
-        if not self._wake.is_set():
-            self._wake.set()
+    def hold(self, revision: int) -> Hold:
+        """Keep every change after `revision` through rewrites, until the
+        reader raises the hold (a rewrite keeps the changes after the lowest
+        hold). Take it before start(): a rewrite may run from then on."""
+        hold = Hold(revision)
+        self._holds.append(hold)
+        return hold
 
     def read_changes(self, after: int, until: int, max_bytes: int) -> list[ChangeRecord]:
         """The change records after revision `after` up to `until` (at most
@@ -427,7 +414,7 @@ class AppendOnlyFile:
         await waiter
 
     async def close(self) -> None:
-        """Stop any rewrite, write and fsync the rest, checkpoint, close."""
+        """Stop any rewrite, write and fsync the rest, close."""
         self._rewrite_abort = True
         if self._rewrite_thread is not None:
             await asyncio.to_thread(self._rewrite_thread.join)
@@ -435,8 +422,6 @@ class AppendOnlyFile:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
-            await asyncio.to_thread(self._write_checkpoint, self._cdc_confirmed)
         with self._io_lock:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -460,7 +445,6 @@ class AppendOnlyFile:
             rewrites=self.rewrites,
             rewrite_in_progress=self._rewrite_thread is not None,
             last_rewrite_seconds=self.last_rewrite_seconds,
-            cdc_checkpoint_revision=self.cdc_checkpoint,
             error=self.error,
         )
 
@@ -497,14 +481,13 @@ class AppendOnlyFile:
 
     def describe(self) -> str:
         c = self.counters()
-        text = (
+        return (
             f"{self.path}, fsync {c.fsync_policy}; {c.size_bytes} bytes ({c.base_size_bytes} after the last "
             f"rewrite); written up to revision {c.written_revision}, durable up to {c.durable_revision}; "
-            f"{c.rewrites} rewrites" + (", one in progress" if c.rewrite_in_progress else "")
+            f"{c.rewrites} rewrites"
+            + (", one in progress" if c.rewrite_in_progress else "")
+            + (f"; error: {c.error}" if c.error else "")
         )
-        if self.cdc_enabled:
-            text += f"; CDC checkpoint at revision {c.cdc_checkpoint_revision}"
-        return text + (f"; error: {c.error}" if c.error else "")
 
     # -- the writer thread ---------------------------------------------------------
 
@@ -525,9 +508,6 @@ class AppendOnlyFile:
                 timeout = RETRY_INTERVAL_S
             elif self.fsync_policy == "everysec" and self._durable_rev < self._written_rev:
                 timeout = max(0.0, last_sync + 1.0 - now)
-            if self._cdc_confirmed != self.cdc_checkpoint:
-                wait = max(0.0, self._checkpoint_written_at + CHECKPOINT_INTERVAL_S - now)
-                timeout = wait if timeout is None else min(timeout, wait)
             self._wake.wait(timeout)
             if (
                 self.fsync_policy != "always"
@@ -555,9 +535,6 @@ class AppendOnlyFile:
             readable = self._written_rev if self.fsync_policy == "no" else self._durable_rev
             if self._wants_progress or 0 <= self._report_past < readable:
                 self._notify()
-            if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
-                if closing or now - self._checkpoint_written_at >= CHECKPOINT_INTERVAL_S:
-                    self._write_checkpoint(self._cdc_confirmed)
             if wrote and self._rewrite_due():
                 self._start_rewrite_thread()
             if closing and self._retry_data:
@@ -657,34 +634,6 @@ class AppendOnlyFile:
             self._wants_progress = True
         self._report_past = self._readable_waiters.lowest() - 1 if self._readable_waiters else -1
 
-    # -- the CDC checkpoint -------------------------------------------------------
-
-    def _read_checkpoint(self) -> int | None:
-        try:
-            data = orjson.loads(Path(self.checkpoint_path).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (orjson.JSONDecodeError, OSError) as exc:
-            log.warning("ignoring the CDC checkpoint %s (%s)", self.checkpoint_path, exc)
-            return None
-        if not isinstance(data, dict) or data.get("epoch") != self.store.epoch:
-            log.warning("ignoring the CDC checkpoint %s: it belongs to another epoch", self.checkpoint_path)
-            return None
-        revision = data.get("confirmed_revision")
-        return revision if isinstance(revision, int) and revision >= 0 else None
-
-    def _write_checkpoint(self, revision: int) -> None:
-        """Atomically replace the checkpoint file (a crash leaves the old or the new one)."""
-        data = orjson.dumps({"epoch": self.store.epoch, "confirmed_revision": revision}) + b"\n"
-        try:
-            aof_format.replace_file(self.checkpoint_path, data)
-        except OSError as exc:
-            log.error("cannot write the CDC checkpoint %s (%s); trying again later", self.checkpoint_path, exc)
-            return
-        finally:
-            self._checkpoint_written_at = time.monotonic()
-        self.cdc_checkpoint = revision
-
     # -- rewrites (aof_rewrite does the work) --------------------------------------
 
     def _rewrite_due(self) -> bool:
@@ -748,14 +697,13 @@ class AppendOnlyFile:
 
     def rewrite_begin(self) -> tuple[int, int]:
         """(base revision, offset of the first change after it): the changes
-        the new file must carry after its snapshot.
-        With CDC, that is everything after the checkpoint, which a restart
-        would publish from."""
+        the new file must carry after its snapshot: those after the lowest
+        hold, which its reader has yet to read (or to be sure of)."""
         with self._io_lock:
             written, end, tail = self._written_rev, self._offset, self._tail_offset
-        if not self.cdc_enabled or self.cdc_checkpoint >= written:
+        base = min((hold.revision for hold in self._holds), default=written)
+        if base >= written:
             return written, end
-        base = self.cdc_checkpoint
         start = end
         with open(self.path, "rb") as f:
             for offset, _, record in self._written_records(f, tail, end):
