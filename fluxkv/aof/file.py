@@ -12,12 +12,12 @@ Start-up replays the file into the store (replay()). A rewrite (aof_rewrite)
 replaces the file with a snapshot of the live keys plus the changes made
 meanwhile.
 
-With CDC on, the file is also the CDC publisher's source of truth: the
-publisher publishes only changes the file already holds as durably as the
-policy promises (cdc_safe_revision), reads back from the file what its
-in-memory queue did not keep (read_changes), and the revision the broker
-confirmed is kept in a checkpoint file beside the AOF, so that a restarted
-node publishes from there on. docs/aof.md has the format and the guarantees.
+The file is also a change log for readers (such as the CDC publisher), who
+keep their own offsets in it: read_changes() reads the changes after a
+revision, up to readable_revision (what the file holds as durably as the
+policy promises), which wait_past() awaits; a reader's hold() keeps every
+change after its revision through rewrites. The file knows nothing of its
+readers. docs/aof.md has the format and the guarantees.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import orjson
-
+from fluxkv import durable_files
 from fluxkv.aof import file_format as aof_format
 from fluxkv.aof import rewrite as aof_rewrite
 from fluxkv.aof.file_format import AofCorrupt, Header, Snapshot, Torn
@@ -50,8 +49,6 @@ log = logging.getLogger("fluxkv.aof")
 
 # A failed write is tried again this often; the node refuses writes meanwhile.
 RETRY_INTERVAL_S = 1.0
-# The checkpoint file is rewritten at most this often (and at shutdown).
-CHECKPOINT_INTERVAL_S = 1.0
 # With everysec and no, the writer lets changes accumulate this long after
 # the first one before it writes them: nobody waits for those writes, and one
 # write() and one thread wake-up per batch, not per change, is what they cost.
@@ -124,7 +121,7 @@ def replay(path: str, store: Store, now_ms: int | None = None) -> ReplayResult |
             torn.reason,
         )
         os.truncate(path, torn.offset)
-        aof_format.fsync_file(path)
+        durable_files.fsync_file(path)
         end = torn.offset
     if header is None:  # torn inside its header: the file never held a change
         os.unlink(path)
@@ -167,8 +164,15 @@ class AofCounters(NamedTuple):
     rewrites: int
     rewrite_in_progress: bool
     last_rewrite_seconds: float
-    cdc_checkpoint_revision: int
     error: str
+
+
+@dataclass
+class Hold:
+    """A reader's retention floor in the change log: rewrites keep every
+    change after `revision`. The reader raises it as it goes, never lowers it."""
+
+    revision: int
 
 
 class _Waiters:
@@ -180,6 +184,10 @@ class _Waiters:
 
     def __bool__(self) -> bool:
         return bool(self._heap)
+
+    def lowest(self) -> int:
+        """The lowest revision waited for (there must be a waiter)."""
+        return self._heap[0][0]
 
     def add(self, revision: int) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -211,7 +219,6 @@ class AppendOnlyFile:
         self._rewrite_percent = settings.rewrite_percent
         self._buffer_bytes = settings.buffer_bytes
         self.store = store
-        self.checkpoint_path = self.path + ".cdc-checkpoint"
         # The store's side (event loop thread).
         self._pending: deque[ChangeRecord] = deque()
         self._appended_bytes = 0
@@ -244,38 +251,33 @@ class AppendOnlyFile:
         self._rewrite_thread: threading.Thread | None = None
         self._rewrite_done: asyncio.Future[None] | None = None
         self._rewrite_abort = False
-        # CDC: the broker's confirmed revision, and what the checkpoint file holds.
-        self.cdc_enabled = False
-        self._cdc_confirmed = 0
-        self.cdc_checkpoint = 0
-        self._checkpoint_written_at = 0.0
+        self._holds: list[Hold] = []
         self._read_cursor = (-1, 0, 0)  # generation, offset, last revision read before it
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The CDC publisher's view of what it may publish, changed only on the
-        # event loop (by _progress), so that want_progress() compares against
-        # what the publisher saw.
-        self.cdc_safe_revision = 0
+        # What readers may read (readable_revision), changed only on the event
+        # loop (by _progress), as its waiters see it.
+        self._readable_rev = 0
         self.writes_delayed = 0
         self._durable_waiters = _Waiters()
         self._written_waiters = _Waiters()
-        self._listeners: list[Callable[[], None]] = []
+        self._readable_waiters = _Waiters()  # each at the revision after the one it awaits passing
         # Set on the event loop when a write or sync() waits for the writer's
-        # progress, or when the CDC publisher waits for cdc_safe_revision to
-        # pass what it last saw; the writer reports only then (or an error).
+        # progress, or when a reader waits for readable_revision to pass a
+        # revision (the lowest one awaited, -1 if none); the writer reports
+        # only then (or an error).
         self._wants_progress = False
-        self._cdc_wants_past = -1
+        self._report_past = -1
 
     # -- start-up ----------------------------------------------------------------
 
-    def open(self, cdc: bool) -> ReplayResult | None:
-        """Replay the file into the (empty) store, or create it; with `cdc`,
-        read the checkpoint (or start one at the replayed revision)."""
+    def open(self) -> ReplayResult | None:
+        """Replay the file into the (empty) store, or create it."""
         _remove_if_present(self.path + ".rewrite")
         result = replay(self.path, self.store)
         if result is None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             header = aof_format.encode_header(Header(self.store.epoch, 0, wall_clock_ms()))
-            aof_format.replace_file(self.path, header)
+            durable_files.replace_file(self.path, header)
             size = tail = len(header)
         else:
             size, tail = result.size, result.tail_offset
@@ -284,16 +286,7 @@ class AppendOnlyFile:
         self._tail_offset = tail
         revision = self.store.revision
         self._written_rev = self._durable_rev = self._last_appended = revision
-        self.cdc_safe_revision = revision
-        self.cdc_enabled = cdc
-        if cdc:
-            checkpoint = self._read_checkpoint()
-            if checkpoint is None or checkpoint > revision:
-                # No checkpoint of this file (CDC was off, or the file is new):
-                # publish from here on, and say so durably before anything else.
-                checkpoint = revision
-                self._write_checkpoint(revision)
-            self._cdc_confirmed = self.cdc_checkpoint = checkpoint
+        self._readable_rev = revision
         return result
 
     def start(self) -> None:
@@ -345,25 +338,36 @@ class AppendOnlyFile:
         """The revision of the last change appended (or replayed)."""
         return self._last_appended
 
-    def on_progress(self, listener: Callable[[], None]) -> None:
-        """Call `listener` (on the event loop) when cdc_safe_revision has grown
-        after want_progress()."""
-        self._listeners.append(listener)
+    # -- the change log's readers -------------------------------------------------
 
-    def want_progress(self) -> None:
-        """Ask for a progress report once cdc_safe_revision has grown (the CDC
-        publisher waits for that)."""
-        if self._cdc_wants_past != self.cdc_safe_revision:
-            self._cdc_wants_past = self.cdc_safe_revision
+    @property
+    def readable_revision(self) -> int:
+        """Readers may read every change up to this revision: what the file
+        holds as durably as its policy promises (fsynced with always and
+        everysec, written to the OS with no), so that no reader sees a
+        revision that a restart could give to another change."""
+        return self._readable_rev
+
+    async def wait_past(self, revision: int) -> None:
+        """Return once readable_revision is above `revision` (not while the
+        file cannot be written)."""
+        if self._readable_rev > revision:
+            return
+        waiter = self._readable_waiters.add(revision + 1)
+        if not 0 <= self._report_past <= revision:
+            # The writer may be past it already, unreported: it reports once
+            # it looks again.
+            self._report_past = revision
             self._wake.set()
+        await waiter
 
-    # -- the CDC publisher's side -------------------------------------------------
-
-    def cdc_confirmed(self, revision: int) -> None:
-        """The broker confirmed every change up to `revision`: checkpoint it (soon)."""
-        self._cdc_confirmed = revision
-        if not self._wake.is_set():
-            self._wake.set()
+    def hold(self, revision: int) -> Hold:
+        """Keep every change after `revision` through rewrites, until the
+        reader raises the hold (a rewrite keeps the changes after the lowest
+        hold). Take it before start(): a rewrite may run from then on."""
+        hold = Hold(revision)
+        self._holds.append(hold)
+        return hold
 
     def read_changes(self, after: int, until: int, max_bytes: int) -> list[ChangeRecord]:
         """The change records after revision `after` up to `until` (at most
@@ -412,7 +416,7 @@ class AppendOnlyFile:
         await waiter
 
     async def close(self) -> None:
-        """Stop any rewrite, write and fsync the rest, checkpoint, close."""
+        """Stop any rewrite, write and fsync the rest, close."""
         self._rewrite_abort = True
         if self._rewrite_thread is not None:
             await asyncio.to_thread(self._rewrite_thread.join)
@@ -420,8 +424,6 @@ class AppendOnlyFile:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
-            await asyncio.to_thread(self._write_checkpoint, self._cdc_confirmed)
         with self._io_lock:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -445,7 +447,6 @@ class AppendOnlyFile:
             rewrites=self.rewrites,
             rewrite_in_progress=self._rewrite_thread is not None,
             last_rewrite_seconds=self.last_rewrite_seconds,
-            cdc_checkpoint_revision=self.cdc_checkpoint,
             error=self.error,
         )
 
@@ -482,14 +483,13 @@ class AppendOnlyFile:
 
     def describe(self) -> str:
         c = self.counters()
-        text = (
+        return (
             f"{self.path}, fsync {c.fsync_policy}; {c.size_bytes} bytes ({c.base_size_bytes} after the last "
             f"rewrite); written up to revision {c.written_revision}, durable up to {c.durable_revision}; "
-            f"{c.rewrites} rewrites" + (", one in progress" if c.rewrite_in_progress else "")
+            f"{c.rewrites} rewrites"
+            + (", one in progress" if c.rewrite_in_progress else "")
+            + (f"; error: {c.error}" if c.error else "")
         )
-        if self.cdc_enabled:
-            text += f"; CDC checkpoint at revision {c.cdc_checkpoint_revision}"
-        return text + (f"; error: {c.error}" if c.error else "")
 
     # -- the writer thread ---------------------------------------------------------
 
@@ -510,9 +510,6 @@ class AppendOnlyFile:
                 timeout = RETRY_INTERVAL_S
             elif self.fsync_policy == "everysec" and self._durable_rev < self._written_rev:
                 timeout = max(0.0, last_sync + 1.0 - now)
-            if self._cdc_confirmed != self.cdc_checkpoint:
-                wait = max(0.0, self._checkpoint_written_at + CHECKPOINT_INTERVAL_S - now)
-                timeout = wait if timeout is None else min(timeout, wait)
             self._wake.wait(timeout)
             if (
                 self.fsync_policy != "always"
@@ -537,12 +534,9 @@ class AppendOnlyFile:
             ):
                 self._fsync()
                 last_sync = now
-            safe = self._written_rev if self.fsync_policy == "no" else self._durable_rev
-            if self._wants_progress or 0 <= self._cdc_wants_past < safe:
+            readable = self._written_rev if self.fsync_policy == "no" else self._durable_rev
+            if self._wants_progress or 0 <= self._report_past < readable:
                 self._notify()
-            if self.cdc_enabled and self._cdc_confirmed != self.cdc_checkpoint and not self._fatal:
-                if closing or now - self._checkpoint_written_at >= CHECKPOINT_INTERVAL_S:
-                    self._write_checkpoint(self._cdc_confirmed)
             if wrote and self._rewrite_due():
                 self._start_rewrite_thread()
             if closing and self._retry_data:
@@ -623,9 +617,9 @@ class AppendOnlyFile:
     def _progress(self) -> None:
         """On the event loop: publish the writer's progress (as it is now)."""
         self._wants_progress = False
-        self._cdc_wants_past = -1
         written, durable = self._written_rev, self._durable_rev
-        self.cdc_safe_revision = written if self.fsync_policy == "no" else durable
+        readable = written if self.fsync_policy == "no" else durable
+        self._readable_rev = readable
         if self.state != "ok":
             failure = KVError(
                 ErrorKind.UNAVAILABLE,
@@ -636,38 +630,11 @@ class AppendOnlyFile:
             self._written_waiters.fail(failure)
         self._durable_waiters.reached(durable)
         self._written_waiters.reached(written)
+        self._readable_waiters.reached(readable)
+        # The writer reports again once it moves on past what is still awaited.
         if self._durable_waiters or self._written_waiters:
-            self._wants_progress = True  # the writer reports again once it moves on
-        for listener in self._listeners:
-            listener()
-
-    # -- the CDC checkpoint -------------------------------------------------------
-
-    def _read_checkpoint(self) -> int | None:
-        try:
-            data = orjson.loads(Path(self.checkpoint_path).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (orjson.JSONDecodeError, OSError) as exc:
-            log.warning("ignoring the CDC checkpoint %s (%s)", self.checkpoint_path, exc)
-            return None
-        if not isinstance(data, dict) or data.get("epoch") != self.store.epoch:
-            log.warning("ignoring the CDC checkpoint %s: it belongs to another epoch", self.checkpoint_path)
-            return None
-        revision = data.get("confirmed_revision")
-        return revision if isinstance(revision, int) and revision >= 0 else None
-
-    def _write_checkpoint(self, revision: int) -> None:
-        """Atomically replace the checkpoint file (a crash leaves the old or the new one)."""
-        data = orjson.dumps({"epoch": self.store.epoch, "confirmed_revision": revision}) + b"\n"
-        try:
-            aof_format.replace_file(self.checkpoint_path, data)
-        except OSError as exc:
-            log.error("cannot write the CDC checkpoint %s (%s); trying again later", self.checkpoint_path, exc)
-            return
-        finally:
-            self._checkpoint_written_at = time.monotonic()
-        self.cdc_checkpoint = revision
+            self._wants_progress = True
+        self._report_past = self._readable_waiters.lowest() - 1 if self._readable_waiters else -1
 
     # -- rewrites (aof_rewrite does the work) --------------------------------------
 
@@ -732,14 +699,13 @@ class AppendOnlyFile:
 
     def rewrite_begin(self) -> tuple[int, int]:
         """(base revision, offset of the first change after it): the changes
-        the new file must carry after its snapshot.
-        With CDC, that is everything after the checkpoint, which a restart
-        would publish from."""
+        the new file must carry after its snapshot: those after the lowest
+        hold, which its reader has yet to read (or to be sure of)."""
         with self._io_lock:
             written, end, tail = self._written_rev, self._offset, self._tail_offset
-        if not self.cdc_enabled or self.cdc_checkpoint >= written:
+        base = min((hold.revision for hold in self._holds), default=written)
+        if base >= written:
             return written, end
-        base = self.cdc_checkpoint
         start = end
         with open(self.path, "rb") as f:
             for offset, _, record in self._written_records(f, tail, end):

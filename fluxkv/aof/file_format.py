@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
+from fluxkv import durable_files
 from fluxkv.core.changes import ChangeRecord, Op
 
 MAGIC = b"FLUXAOF\x01"  # the last byte is the format's version
@@ -213,36 +214,6 @@ def _zeros_to_end(f: BinaryIO, offset: int, size: int) -> bool:
         f.seek(here)
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_file(path: str, data: bytes) -> None:
-    """Put `data` at `path` atomically and durably: a crash leaves the old
-    file or the new one (a temporary file, fsynced, renamed over `path`, and
-    the directory fsynced)."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new file in `path`'s directory durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckResult(NamedTuple):
     records: int
     epoch: str
@@ -299,5 +270,5 @@ def repair(path: str) -> tuple[CheckResult, str | None]:
         dst.flush()
         os.fsync(dst.fileno())
     os.truncate(path, result.good_size)
-    fsync_file(path)
+    durable_files.fsync_file(path)
     return result, backup

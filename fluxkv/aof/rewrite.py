@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
+from fluxkv import durable_files
 from fluxkv.aof import file_format as aof_format
 from fluxkv.aof.file_format import Header, Snapshot
 from fluxkv.core.store import NUM_SHARDS, Store, wall_clock_ms
@@ -118,7 +119,7 @@ def steps(aof: RewrittenFile) -> Iterator[str]:
             aof.rewrite_switch(fd, new.tell(), tail_offset)
             yield "renamed"
             try:
-                aof_format.fsync_dir(aof.path)
+                durable_files.fsync_dir(aof.path)
             except OSError as exc:
                 aof.rename_not_durable(exc)
                 raise

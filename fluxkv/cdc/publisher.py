@@ -18,10 +18,12 @@ AMQP messages and publishes them to RabbitMQ with publisher confirms.
   reconnects with jittered exponential backoff and publishes every unconfirmed batch
   again, oldest first, before anything new: delivery is at least once, and a
   consumer that drops (node, epoch, rev) it has seen gets every event in order.
-- With the append-only file on, the publisher publishes a change only once
-  the file holds it (as durably as FLUX_AOF_APPEND_FSYNC promises), records the
-  revision the broker confirmed in the file's checkpoint, and reads from the
-  file whatever is not in the queue: the changes after the checkpoint at
+- With the append-only file on, it is the publisher's change log (ChangeLog):
+  the publisher publishes a change only once the log's readable revision has
+  reached it (the file holds it as durably as FLUX_AOF_APPEND_FSYNC promises),
+  keeps the revision the broker confirmed in a checkpoint of its own
+  (cdc_checkpoint), at which it holds the log's retention floor, and reads from
+  the log whatever is not in the queue: the changes after the checkpoint at
   start-up, and those the full queue spilled. No acknowledged write is then
   missing from the stream, even after a crash.
 - With tracing on, publishing a batch that carries sampled writes is a
@@ -37,19 +39,19 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
-from fluxkv.aof.file import AppendOnlyFile
 from fluxkv.cdc import events as cdc_events
+from fluxkv.cdc.checkpoint import CHECKPOINT_INTERVAL_S, Checkpoint
 from fluxkv.cdc.queue import CdcQueue
 from fluxkv.config import Settings, redact_url
 from fluxkv.core.backoff import Backoff
-from fluxkv.core.changes import record_bytes
+from fluxkv.core.changes import ChangeRecord, record_bytes
 from fluxkv.obs.metrics import Family, counter, gauge, states
 from fluxkv.obs.tracing import Tracing
 
@@ -63,6 +65,43 @@ _EVENT_OVERHEAD = 120
 # At most one log line about dropped events per this many seconds.
 _DROP_REPORT_INTERVAL_S = 10.0
 CONNECTION_STATES = ("connecting", "connected", "reconnecting")
+
+
+class RetentionHold(Protocol):
+    """A reader's floor in a change log: the log keeps every change after
+    `revision`; the reader raises it as it goes."""
+
+    revision: int
+
+
+class ChangeLog(Protocol):
+    """What the publisher needs of a change log (fluxkv.aof.file.AppendOnlyFile).
+    The log calls nothing back: the publisher keeps its own offset."""
+
+    @property
+    def last_revision(self) -> int:
+        """The revision of the last change appended."""
+        ...
+
+    @property
+    def readable_revision(self) -> int:
+        """Every change up to this revision may be read and published: a
+        restart will not give its revision to another change."""
+        ...
+
+    async def wait_past(self, revision: int) -> None:
+        """Return once readable_revision is above `revision`."""
+        ...
+
+    def read_changes(self, after: int, until: int, max_bytes: int) -> list[ChangeRecord]:
+        """The changes after revision `after` up to `until` (about max_bytes
+        of keys and values at most), in order. Blocking: call it in a thread."""
+        ...
+
+    def hold(self, revision: int) -> RetentionHold:
+        """Keep every change after `revision` until the hold is raised (taken
+        before the log takes writes)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,18 +151,29 @@ class _Batch:
 
 
 class CdcPublisher:
+    """With `change_log` (the append-only file), its checkpoint is the file
+    <FLUX_AOF_FILENAME>.cdc-checkpoint: resume() reads it before the node
+    serves, run() keeps it, close() writes it last."""
+
     def __init__(
-        self, queue: CdcQueue, settings: Settings, aof: AppendOnlyFile | None = None, tracing: Tracing | None = None
+        self,
+        queue: CdcQueue,
+        settings: Settings,
+        change_log: ChangeLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._queue = queue
-        self._aof = aof
+        self._change_log = change_log
         self._tracing = tracing
-        # With an AOF: the revision to publish next, and the last one that
-        # flush() waits for.
+        # With a change log: the revision to publish next, the last one that
+        # flush() waits for, the checkpoint and the floor held at it.
         self._next = 0
         self._flush_target = 0
-        if aof is not None:
-            aof.on_progress(self._wake)
+        self._checkpoint: Checkpoint | None = None
+        if change_log is not None:
+            self._checkpoint = Checkpoint(settings.aof_filename + ".cdc-checkpoint")
+        self._hold: RetentionHold | None = None
+        self._confirmed_more = asyncio.Event()  # the checkpoint keeper's cue
         self._url = settings.rabbitmq_url
         self._exchange_name = settings.cdc_exchange
         self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
@@ -222,26 +272,53 @@ class CdcPublisher:
 
     def describe(self) -> str:
         c = self.counters()
-        return (
+        text = (
             f"{c.connection} to {redact_url(self._url)}, exchange {self._exchange_name!r}; "
             f"{c.queue_depth} events held, {c.confirmed} confirmed up to revision {c.confirmed_revision}, "
             f"{c.republished} republished, {c.dropped} dropped"
         )
+        if self._checkpoint is not None:
+            text += f"; checkpoint at revision {self._checkpoint.revision}"
+        return text
+
+    @property
+    def checkpoint_revision(self) -> int:
+        """The revision the checkpoint file holds (0 without a change log)."""
+        return self._checkpoint.revision if self._checkpoint is not None else 0
 
     # -- lifetime ------------------------------------------------------------
 
+    async def resume(self, epoch: str) -> None:
+        """With a change log: read the checkpoint (or write one at the log's
+        end), hold the log there, and publish from after it. Call it once the
+        log is open, before it takes writes."""
+        change_log, checkpoint = self._change_log, self._checkpoint
+        assert change_log is not None and checkpoint is not None
+        self.confirmed_revision = await asyncio.to_thread(checkpoint.load, epoch, change_log.readable_revision)
+        self._next = self.confirmed_revision + 1
+        self._hold = change_log.hold(checkpoint.revision)
+        if change_log.readable_revision >= self._next:
+            log.info(
+                "CDC resumes after revision %d (the checkpoint): %d changes to publish from the append-only file",
+                self.confirmed_revision,
+                change_log.readable_revision - self.confirmed_revision,
+            )
+
     async def run(self, node_id: str, epoch: str) -> None:
-        """Publish until cancelled, reconnecting whenever the broker is lost."""
+        """Publish until cancelled, reconnecting whenever the broker is lost;
+        with a change log, keep the checkpoint meanwhile."""
         self._node, self._epoch = node_id, epoch
-        if self._aof is not None:
-            self.confirmed_revision = self._aof.cdc_checkpoint
-            self._next = self.confirmed_revision + 1
-            if self._aof.cdc_safe_revision >= self._next:
-                log.info(
-                    "CDC resumes after revision %d (the checkpoint): %d changes to publish from the append-only file",
-                    self.confirmed_revision,
-                    self._aof.cdc_safe_revision - self.confirmed_revision,
-                )
+        async with asyncio.TaskGroup() as tasks:
+            if self._checkpoint is not None:
+                tasks.create_task(self._keep_checkpoint(self._checkpoint), name="fluxkv-cdc-checkpoint")
+            await self._publish()
+
+    async def close(self) -> None:
+        """Checkpoint the last confirmed revision, once run() has stopped."""
+        if self._checkpoint is not None:
+            await self._save_checkpoint(self._checkpoint)
+
+    async def _publish(self) -> None:
         where = redact_url(self._url)
         backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
         last_error = ""
@@ -298,8 +375,8 @@ class CdcPublisher:
         """Publish what is queued now, without lingering, and wait until the
         broker confirmed all of it or `timeout` passed; True if it did."""
         self._flushing = True
-        if self._aof is not None:
-            self._flush_target = self._aof.last_revision
+        if self._change_log is not None:
+            self._flush_target = self._change_log.last_revision
         self._wake()
         if self._is_drained():
             return True
@@ -360,35 +437,45 @@ class CdcPublisher:
             wakeup = self._wakeup = loop.create_future()
             if not queue.pending:
                 queue.wake_on_append(wakeup)
+            readable = self._when_readable(wakeup) if source is None else None
             timer = loop.call_later(timeout, _resolve, wakeup) if timeout is not None else None
             await wakeup
             if timer is not None:
                 timer.cancel()
+            if readable is not None:
+                readable.cancel()
         raise self._failure
 
     def _source(self) -> str | None:
         """Where the next change to publish is: "memory" (the queue), "file"
         (the AOF), or None (nothing to publish yet)."""
         queue = self._queue
-        aof = self._aof
-        if aof is None:
+        change_log = self._change_log
+        if change_log is None:
             return "memory" if queue.pending else None
-        if self._next > aof.cdc_safe_revision:
-            # Not in the file yet (as durably as its policy promises): have
-            # the file say when it is.
-            if self._next <= aof.last_revision:
-                aof.want_progress()
-            return None
+        if self._next > change_log.readable_revision:
+            return None  # not readable yet: not in the file as durably as its policy promises
         return "memory" if queue.next_revision == self._next else "file"
 
+    def _when_readable(self, wakeup: asyncio.Future[None]) -> asyncio.Task[None] | None:
+        """A task that completes `wakeup` once the change log's readable
+        revision reaches the next change to publish, if the log has that
+        change (else the queue's next append wakes the pump)."""
+        change_log = self._change_log
+        if change_log is None or self._next > change_log.last_revision:
+            return None
+        task = asyncio.ensure_future(change_log.wait_past(self._next - 1))
+        task.add_done_callback(lambda _: _resolve(wakeup))
+        return task
+
     async def _file_batch(self) -> _Batch:
-        """The changes from self._next on that the queue does not hold, read from the AOF."""
-        aof = self._aof
-        assert aof is not None
-        until = aof.cdc_safe_revision
+        """The changes from self._next on that the queue does not hold, read from the change log."""
+        change_log = self._change_log
+        assert change_log is not None
+        until = change_log.readable_revision
         if self._queue.pending:
             until = min(until, self._queue.next_revision - 1)
-        records = await asyncio.to_thread(aof.read_changes, self._next - 1, until, self._batch_bytes)
+        records = await asyncio.to_thread(change_log.read_changes, self._next - 1, until, self._batch_bytes)
         if not records or records[0].revision != self._next:
             raise RuntimeError(f"the append-only file lacks revision {self._next}, which CDC must publish")
         node, epoch, encode = self._node, self._epoch, self._encode
@@ -397,14 +484,14 @@ class CdcPublisher:
 
     def _next_batch(self) -> _Batch:
         """Take pending records until their JSON reaches the batch size (with
-        an AOF, only consecutive ones the file already holds)."""
+        a change log, only consecutive readable ones)."""
         queue = self._queue
         node, epoch, encode = self._node, self._epoch, self._encode
         parts: list[bytes] = []
         revisions: list[int] = []
         size = 2
         nbytes = 0
-        limit = self._aof.cdc_safe_revision if self._aof is not None else None
+        limit = self._change_log.readable_revision if self._change_log is not None else None
         while queue.pending and size < self._batch_bytes:
             if limit is not None and (
                 queue.next_revision > limit or (revisions and queue.next_revision != revisions[-1] + 1)
@@ -520,8 +607,8 @@ class CdcPublisher:
             self.confirmed += batch.events
             self.confirmed_revision = batch.last
             released = True
-        if released and self._aof is not None:
-            self._aof.cdc_confirmed(self.confirmed_revision)
+        if released:
+            self._confirmed_more.set()
         drained = self._drained
         if drained is not None and not drained.done() and self._is_drained():
             drained.set_result(None)
@@ -530,7 +617,7 @@ class CdcPublisher:
         """Whether everything flush() waits for is confirmed."""
         if self._queue.depth:
             return False
-        return self._aof is None or self.confirmed_revision >= self._flush_target
+        return self._change_log is None or self.confirmed_revision >= self._flush_target
 
     def _abandon_unconfirmed(self) -> None:
         """The connection is gone: forget its publishes. Unconfirmed batches
@@ -540,6 +627,25 @@ class CdcPublisher:
             if batch.publish is not None and not batch.publish.done():
                 batch.publish.cancel()
             batch.publish = None
+
+    # -- the checkpoint --------------------------------------------------------
+
+    async def _keep_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Checkpoint the confirmed revision at most once every
+        CHECKPOINT_INTERVAL_S (a failed write is tried again then)."""
+        while True:
+            while checkpoint.revision >= self.confirmed_revision:
+                self._confirmed_more.clear()
+                await self._confirmed_more.wait()
+            await self._save_checkpoint(checkpoint)
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+
+    async def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write the confirmed revision to the checkpoint (in a thread), then
+        raise the floor held in the change log to what the file holds."""
+        await asyncio.to_thread(checkpoint.save, self.confirmed_revision)
+        if self._hold is not None:
+            self._hold.revision = checkpoint.revision
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -44,6 +44,7 @@ class NodeStatus(Protocol):
     def subsystems(self) -> Sequence[tuple[str, str, str]]: ...
     def cdc_counters(self) -> CdcCounters | None: ...
     def aof_counters(self) -> AofCounters | None: ...
+    def cdc_checkpoint_revision(self) -> int: ...
     async def rewrite_aof(self) -> tuple[int, int, float]: ...
 
 
@@ -296,7 +297,7 @@ class KVHandlers:
             subsystems=[pb.Subsystem(name=n, state=s, detail=d) for n, s, d in self._node.subsystems()],
             cdc=cdc_status(self._node.cdc_counters()),
             epoch=self._store.epoch,
-            aof=aof_status(self._node.aof_counters()),
+            aof=aof_status(self._node.aof_counters(), self._node.cdc_checkpoint_revision()),
         )
 
     async def rewrite_aof(self, request: pb.RewriteAofRequest) -> pb.RewriteAofResponse:
@@ -378,8 +379,9 @@ def cdc_status(c: CdcCounters | None) -> pb.CdcStatus:
     )
 
 
-def aof_status(c: AofCounters | None) -> pb.AofStatus:
-    """Info's append-only file status, field by field."""
+def aof_status(c: AofCounters | None, cdc_checkpoint_revision: int) -> pb.AofStatus:
+    """Info's append-only file status, field by field, with the revision of
+    CDC's checkpoint beside the file (the publisher keeps it)."""
     if c is None:
         return pb.AofStatus()
     return pb.AofStatus(
@@ -398,7 +400,7 @@ def aof_status(c: AofCounters | None) -> pb.AofStatus:
         rewrites=c.rewrites,
         rewrite_in_progress=c.rewrite_in_progress,
         last_rewrite_seconds=c.last_rewrite_seconds,
-        cdc_checkpoint_revision=c.cdc_checkpoint_revision,
+        cdc_checkpoint_revision=cdc_checkpoint_revision,
         error=c.error,
     )
 

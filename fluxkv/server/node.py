@@ -217,9 +217,13 @@ class Node:
             await self.aof.close()
 
     async def _replay(self, aof: AppendOnlyFile) -> str:
-        """Load the store from the append-only file; start its writer."""
-        result = await asyncio.to_thread(aof.open, self.cdc is not None)
+        """Load the store from the append-only file; let CDC resume from its
+        checkpoint (holding the file there) before the writer, and with it
+        rewrites, starts."""
+        result = await asyncio.to_thread(aof.open)
         self.watch_hub.start_after(self.store.revision)
+        if self.cdc is not None:
+            await self.cdc.resume(self.store.epoch)
         aof.start()
         if result is None:
             log.info(
@@ -321,7 +325,7 @@ class Node:
                 log.error("shutdown: %s", exc)
         if self.cdc is not None and self._cdc_task is not None:
             await self._flush_cdc(self.cdc, self._cdc_task)
-        if self.aof is not None:  # after CDC, so that its checkpoint has the last confirm
+        if self.aof is not None:  # after CDC, which reads from it until it stops
             await self.aof.close()
             log.info(
                 "shutdown: append-only file %s closed at revision %d",
@@ -361,6 +365,7 @@ class Node:
         flushed = await cdc.flush(timeout)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await cdc.close()
         c = cdc.counters()
         if flushed:
             log.info(
@@ -442,6 +447,9 @@ class Node:
 
     def aof_counters(self) -> AofCounters | None:
         return self.aof.counters() if self.aof is not None else None
+
+    def cdc_checkpoint_revision(self) -> int:
+        return self.cdc.checkpoint_revision if self.cdc is not None else 0
 
     async def rewrite_aof(self) -> tuple[int, int, float]:
         """Rewrite the append-only file now: (size before, size after, seconds)."""

@@ -34,7 +34,7 @@ CLI = [sys.executable, str(ROOT / "cmd" / "fluxkv")]
 async def open_aof(path: Path, fsync: str = "always", store: Store | None = None) -> AsyncIterator[AppendOnlyFile]:
     """A store (replayed from `path` if it exists) with its AOF writing."""
     aof = AppendOnlyFile(AofSettings(str(path), fsync, 1 << 40, 0, 64 << 20), store if store is not None else Store())
-    aof.open(cdc=False)
+    aof.open()
     aof.store.attach_sink(aof)
     aof.start()
     try:
@@ -243,6 +243,31 @@ async def test_a_node_refuses_to_start_on_a_corrupt_file_and_says_how_to_repair_
     assert path.read_bytes() == bytes(data)  # left as it was
 
 
+@pytest.mark.parametrize("policy", ["always", "everysec", "no"])
+async def test_a_reader_awaits_the_readable_revision(tmp_path: Path, policy: str) -> None:
+    """A reader may read what the file holds as durably as its policy
+    promises: fsynced with always and everysec, written with no."""
+    async with open_aof(tmp_path / "node.aof", policy) as aof:
+        assert aof.readable_revision == 0
+        first = asyncio.create_task(aof.wait_past(2))
+        second = asyncio.create_task(aof.wait_past(5))  # revision 6 does not exist yet
+        for i in range(3):
+            aof.store.set(f"k{i}", b"v")
+        await first
+        c = aof.counters()
+        assert aof.readable_revision == 3 and not second.done()
+        if policy == "no":  # written to the OS, never fsynced
+            assert c.written_revision == 3 and c.fsyncs == 0 and c.durable_revision == 0
+        else:
+            assert c.durable_revision == 3 and c.fsyncs >= 1
+        await aof.wait_past(1)  # readable already: returns at once
+        for i in range(3):
+            aof.store.set(f"k{i}", b"again")
+        await second
+        assert aof.readable_revision == 6
+        assert [r.revision for r in aof.read_changes(0, aof.readable_revision, 1 << 20)] == list(range(1, 7))
+
+
 async def test_a_rewrite_under_concurrent_writes_keeps_every_key(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
     rng = random.Random(3)
@@ -278,32 +303,35 @@ async def test_a_rewrite_under_concurrent_writes_keeps_every_key(tmp_path: Path)
     assert not Path(str(path) + ".rewrite").exists()
 
 
-async def test_a_rewrite_keeps_every_change_after_the_cdc_checkpoint(tmp_path: Path) -> None:
+async def test_a_rewrite_keeps_every_change_after_the_lowest_hold(tmp_path: Path) -> None:
     path = tmp_path / "node.aof"
+    async with open_aof(path) as aof:
+        for i in range(100):
+            aof.store.set(f"k{i % 10}", f"v{i}".encode())
     aof = AppendOnlyFile(AofSettings(str(path), "always", 1 << 40, 0, 64 << 20), Store())
-    aof.open(cdc=True)
-    aof.store.attach_sink(aof)
-    aof.start()
-    for i in range(100):
-        aof.store.set(f"k{i % 10}", f"v{i}".encode())
-    aof.cdc_confirmed(40)
-    await aof.sync()
-    await aof.close()
-    aof = AppendOnlyFile(AofSettings(str(path), "always", 1 << 40, 0, 64 << 20), Store())
-    aof.open(cdc=True)
-    assert aof.cdc_checkpoint == 40
+    aof.open()
+    readers = [aof.hold(70), aof.hold(40)]
     aof.store.attach_sink(aof)
     aof.start()
     await aof.request_rewrite()
     after = aof.read_changes(40, 100, 1 << 20)
-    await aof.close()
     assert [(r.revision, r.key, r.value) for r in after] == [
         (i + 1, f"k{i % 10}", f"v{i}".encode()) for i in range(40, 100)
     ]
+    # Raised past the other reader's: the next rewrite keeps only what that one holds.
+    readers[1].revision = 90
+    await aof.request_rewrite()
+    assert [r.revision for r in aof.read_changes(0, 100, 1 << 20)] == list(range(71, 101))
+    # Raised to the end: nothing left to keep but the snapshot.
+    for reader in readers:
+        reader.revision = 100
+    await aof.request_rewrite()
+    assert aof.read_changes(0, 100, 1 << 20) == []
+    await aof.close()
     restored = Store()
     result = replay(str(path), restored)
-    assert result is not None and result.records == 10 + 60  # the snapshot, then the changes after 40
-    assert contents(restored) == contents(aof.store)
+    assert result is not None and result.records == 10  # the snapshot of the 10 keys
+    assert contents(restored) == contents(aof.store) and restored.revision == 100
 
 
 # The child process: fills an AOF, rewrites it with writes in the middle of the
@@ -325,7 +353,7 @@ def dump(store):
 async def main(path, crash_at):
     store = Store()
     aof = AppendOnlyFile(AofSettings(path, "always", 1 << 40, 0, 1 << 26), store)
-    aof.open(cdc=False)
+    aof.open()
     store.attach_sink(aof)
     aof.start()
     for i in range(3000):
@@ -379,7 +407,7 @@ def test_a_crash_at_any_step_of_a_rewrite_leaves_a_file_that_replays_correctly(t
     assert got == expected["items"]
     # A node opening it removes what the interrupted rewrite left behind.
     aof = AppendOnlyFile(AofSettings(str(path), "always", 1 << 40, 0, 1 << 26), Store())
-    aof.open(cdc=False)
+    aof.open()
     assert not Path(str(path) + ".rewrite").exists()
     assert aof.store.revision == expected["revision"]
 
@@ -397,7 +425,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails w
 async def main(path):
     store = Store()
     aof = AppendOnlyFile(AofSettings(path, "always", 1 << 40, 0, 1 << 26), store)
-    aof.open(cdc=False)
+    aof.open()
     store.attach_sink(aof)
     aof.start()
     store.set("before", b"v")

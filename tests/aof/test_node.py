@@ -19,7 +19,9 @@ import pytest
 
 from deploy.private_servers import RabbitBroker
 from fluxkv import config
+from fluxkv.aof.file import replay
 from fluxkv.core.changes import Op
+from fluxkv.core.store import Store
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 from fluxkv.server import workers
@@ -227,6 +229,39 @@ async def test_a_full_cdc_queue_spills_to_the_file_without_blocking_or_dropping(
 
 
 @pytest.mark.usefixtures("grpc_server")
+async def test_a_rewrite_keeps_every_change_cdc_has_not_confirmed(
+    tmp_path: Path, rabbit_broker: RabbitBroker, names: Names
+) -> None:
+    path = tmp_path / "node.aof"
+    options = {
+        "aof_filename": str(path),
+        "aof_rewrite_percent": 0,
+        "rabbitmq_url": rabbit_broker.url,
+        "cdc_exchange": names.exchange,
+        "cdc_queue": names.queue,
+        "cdc_queue_events": 10,
+        "cdc_flush_timeout_s": 60.0,
+    }
+    async with running_node(**options) as (_, kv):
+        for i in range(50):
+            await kv.Set(pb.SetRequest(key=f"k{i % 10}", value=f"v{i}".encode()))
+    assert '"confirmed_revision":50' in (tmp_path / "node.aof.cdc-checkpoint").read_text()
+    await asyncio.to_thread(rabbit_broker.stop)
+    async with running_node(**options) as (_, kv):
+        for i in range(50, 300):  # unconfirmed, most of them spilled to the file
+            await kv.Set(pb.SetRequest(key=f"k{i % 10}", value=f"v{i}".encode()))
+        await kv.RewriteAof(pb.RewriteAofRequest())
+        info = await kv.Info(pb.InfoRequest())
+        assert info.aof.rewrites == 1 and info.aof.cdc_checkpoint_revision == 50 and info.cdc.spilled == 240
+        await asyncio.to_thread(rabbit_broker.start)
+    events = deduplicated(await drain(rabbit_broker.url, names.queue))
+    assert [(e.rev, e.key, e.value) for e in events] == [(i + 1, f"k{i % 10}", f"v{i}".encode()) for i in range(300)]
+    # The rewrite compacted what the broker had confirmed (the checkpoint) and kept the rest as changes.
+    result = replay(str(path), Store())
+    assert result is not None and result.records == 10 + 250
+
+
+@pytest.mark.usefixtures("grpc_server")
 async def test_a_clean_restart_resumes_cdc_after_the_checkpoint(tmp_path: Path, names: Names) -> None:
     options = {"aof_filename": str(tmp_path / "node.aof"), "cdc_exchange": names.exchange, "cdc_queue": names.queue}
     from tests.conftest import BROKER
@@ -240,7 +275,9 @@ async def test_a_clean_restart_resumes_cdc_after_the_checkpoint(tmp_path: Path, 
     assert '"confirmed_revision":50' in checkpoint
     async with running_node(rabbitmq_url=BROKER, **options) as (node, kv):
         assert node.store.revision == 50
+        assert (await kv.Info(pb.InfoRequest())).aof.cdc_checkpoint_revision == 50
         await kv.Set(pb.SetRequest(key="after", value=b"v"))
+    assert '"confirmed_revision":51' in (tmp_path / "node.aof.cdc-checkpoint").read_text()
     second = await drain(BROKER, names.queue)
     assert [(e.rev, e.key) for d in second for e in d.events] == [(51, "after")]
 

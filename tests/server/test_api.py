@@ -261,16 +261,21 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
 
 def test_info_statuses_carry_every_counter_by_name() -> None:
     # Info's CdcStatus and AofStatus are built field by field: each counter reaches its field, and
-    # every field but `enabled` has its counter.
-    for counters, build in ((CdcCounters, handlers.cdc_status), (AofCounters, handlers.aof_status)):
+    # every field but `enabled` has its counter (AofStatus's CDC checkpoint comes from the publisher).
+    builds = [
+        (CdcCounters, handlers.cdc_status, {}),
+        (AofCounters, lambda c: handlers.aof_status(c, 4321), {"cdc_checkpoint_revision": 4321}),
+    ]
+    for counters, build, beside in builds:
         types = typing.get_type_hints(counters)
         values = {
             name: {str: f"value of {name}", int: i + 1, bool: True, float: i + 0.5}[kind]
             for i, (name, kind) in enumerate(types.items())
         }
         status = build(counters(**values))
-        assert {f.name for f in status.DESCRIPTOR.fields} == {"enabled", *values}
-        assert status.enabled and all(getattr(status, name) == value for name, value in values.items())
+        assert {f.name for f in status.DESCRIPTOR.fields} == {"enabled", *values, *beside}
+        expected = values | beside
+        assert status.enabled and all(getattr(status, name) == value for name, value in expected.items())
         assert not build(None).enabled
 
 
