@@ -63,7 +63,7 @@ MIB = 1 << 20
 # Runs in a fresh Python: imports, then times replay() alone (the node's start-up is measured apart).
 REPLAY_CHILD = """
 import json, resource, sys, time
-from fluxkv.aof.file import replay
+from fluxkv.aof.replay import replay
 from fluxkv.core.store import Store
 store = Store()
 started = time.perf_counter()
@@ -337,7 +337,7 @@ def measure_replay(directory: Path, mode: Mode, args: argparse.Namespace) -> dic
     rate = statistics.median(r["records_per_s"] for r in replays)
     print(
         f"replay    median {rate:,.0f} records/s: {rate / 50_000:.1f}x the 50,000/s Flux-KV claimed "
-        "(fluxkv.aof.replay into a Store, in a fresh Python process; import time not counted)"
+        "(fluxkv.aof.replay.replay into a Store, in a fresh Python process; import time not counted)"
     )
 
     startups: dict[str, list[dict[str, Any]]] = {"empty": [], "replay": []}

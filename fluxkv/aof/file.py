@@ -8,7 +8,7 @@ with one write() and, by FLUX_AOF_APPEND_FSYNC, fsyncs it (group commit):
 - everysec: batches are written at once and fsynced at most a second later;
 - no: batches are written at once and the OS decides when they reach the disk.
 
-Start-up replays the file into the store (replay()). A rewrite (aof_rewrite)
+Start-up replays the file into the store (fluxkv/aof/replay.py). A rewrite (aof_rewrite)
 replaces the file with a snapshot of the live keys plus the changes made
 meanwhile.
 
@@ -40,7 +40,8 @@ from fluxkv import durable_files
 from fluxkv.aof import file_format as aof_format
 from fluxkv.aof import rewrite as aof_rewrite
 from fluxkv.aof.file_format import AofCorrupt, Header, Snapshot, Torn
-from fluxkv.core.changes import ChangeRecord, Op, record_bytes
+from fluxkv.aof.replay import ReplayResult, replay
+from fluxkv.core.changes import ChangeRecord, record_bytes
 from fluxkv.core.errors import ErrorKind, KVError
 from fluxkv.core.store import Store, wall_clock_ms
 from fluxkv.obs.metrics import Family, counter, gauge, states
@@ -53,89 +54,6 @@ RETRY_INTERVAL_S = 1.0
 # the first one before it writes them: nobody waits for those writes, and one
 # write() and one thread wake-up per batch, not per change, is what they cost.
 WRITE_LINGER_S = 0.005
-
-
-class ReplayResult(NamedTuple):
-    epoch: str
-    revision: int
-    records: int  # change and snapshot records applied
-    size: int  # bytes of the file once any torn tail was cut off
-    tail_offset: int  # where the change records after the snapshot begin
-    torn: Torn | None
-    seconds: float
-
-
-def replay(path: str, store: Store, now_ms: int | None = None) -> ReplayResult | None:
-    """Load the file at `path` into an empty store and cut off a torn last
-    record (with one warning). None if there is no file (or a crash left only
-    part of its header). AofCorrupt if it is corrupt before its last record."""
-    started = time.perf_counter()
-    now = wall_clock_ms() if now_ms is None else now_ms
-    header: Header | None = None
-    revision = last_change = records = 0
-    end = tail_offset = 0
-    torn: Torn | None = None
-    load, unload = store.load, store.unload
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return None
-    with f:
-        for item in aof_format.read_records(f, path):
-            if isinstance(item, Torn):
-                torn = item
-                break
-            offset, size, record = item
-            end = offset + size
-            if isinstance(record, ChangeRecord):
-                if header is None or record.revision <= last_change:
-                    raise AofCorrupt(path, offset, f"revision {record.revision} follows {last_change}: out of order")
-                if last_change == 0:
-                    tail_offset = offset
-                last_change = record.revision
-                if record.op is Op.SET and not (record.expires_at_ms and record.expires_at_ms <= now):
-                    assert record.value is not None
-                    load(record.key, record.value, record.revision, record.expires_at_ms)
-                else:
-                    unload(record.key)
-            elif isinstance(record, Snapshot):
-                if header is None or last_change:
-                    raise AofCorrupt(path, offset, "a snapshot record out of place")
-                if not (record.expires_at_ms and record.expires_at_ms <= now):
-                    load(record.key, record.value, record.mod_revision, record.expires_at_ms)
-                revision = max(revision, record.mod_revision)
-            elif header is None:
-                header = record
-                revision = record.base_revision
-                continue
-            else:
-                raise AofCorrupt(path, offset, "a second header record")
-            records += 1
-    if header is None and torn is None:
-        raise AofCorrupt(path, len(aof_format.MAGIC), "the file has no header record")
-    if torn is not None:
-        log.warning(
-            "%s: cutting off a torn last record at byte offset %d (%s): a crash interrupted its write",
-            path,
-            torn.offset,
-            torn.reason,
-        )
-        os.truncate(path, torn.offset)
-        durable_files.fsync_file(path)
-        end = torn.offset
-    if header is None:  # torn inside its header: the file never held a change
-        os.unlink(path)
-        return None
-    store.restore(header.epoch, max(revision, last_change))
-    return ReplayResult(
-        header.epoch,
-        max(revision, last_change),
-        records,
-        end,
-        tail_offset if last_change else end,
-        torn,
-        time.perf_counter() - started,
-    )
 
 
 @dataclass(frozen=True)

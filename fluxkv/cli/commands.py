@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from fluxkv import arguments
-from fluxkv.aof import file_format as aof_format
+from fluxkv.aof import check as aof_check
 from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
@@ -218,7 +218,7 @@ def _rewrite_aof(kv: Any, args: argparse.Namespace) -> int:
 
 
 def _aof_check(_: None, args: argparse.Namespace) -> int:
-    result = aof_format.check(args.file)
+    result = aof_check.check(args.file)
     _write(
         f"{args.file}: {result.records} records, epoch {result.epoch or '-'}, up to revision "
         f"{result.last_revision}; {result.good_size} of {result.size} bytes good"
@@ -233,7 +233,7 @@ def _aof_check(_: None, args: argparse.Namespace) -> int:
 
 
 def _aof_repair(_: None, args: argparse.Namespace) -> int:
-    result, backup = aof_format.repair(args.file)
+    result, backup = aof_check.repair(args.file)
     if backup is None:
         _write(f"{args.file}: nothing to repair ({result.records} records, up to revision {result.last_revision})")
         return SUCCESS

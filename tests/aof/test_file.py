@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxkv.aof import file_format as aof_format
-from fluxkv.aof.file import AofSettings, AppendOnlyFile, replay
+from fluxkv.aof.file import AofSettings, AppendOnlyFile
 from fluxkv.aof.file_format import AofCorrupt, Header, Snapshot, Torn
+from fluxkv.aof.replay import replay
 from fluxkv.core.changes import ChangeRecord, Op
 from fluxkv.core.store import Store
 from tests.conftest import ROOT
@@ -416,7 +417,8 @@ def test_a_crash_at_any_step_of_a_rewrite_leaves_a_file_that_replays_correctly(t
 # and then succeed again once it can; prints what it saw as JSON.
 FAILING_DISK = """
 import asyncio, json, os, resource, signal, sys
-from fluxkv.aof.file import AofSettings, AppendOnlyFile, replay
+from fluxkv.aof.file import AofSettings, AppendOnlyFile
+from fluxkv.aof.replay import replay
 from fluxkv.core.errors import KVError
 from fluxkv.core.store import Store
 

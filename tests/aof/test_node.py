@@ -19,7 +19,7 @@ import pytest
 
 from deploy.private_servers import RabbitBroker
 from fluxkv import config
-from fluxkv.aof.file import replay
+from fluxkv.aof.replay import replay
 from fluxkv.core.changes import Op
 from fluxkv.core.store import Store
 from fluxkv.proto import kv_pb2 as pb
