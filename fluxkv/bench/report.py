@@ -96,7 +96,7 @@ def machine() -> dict[str, Any]:
 
 def _commit() -> str | None:
     """The git commit of the checkout fluxkv runs from (+dirty with uncommitted changes); None when installed."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
 

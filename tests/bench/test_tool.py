@@ -493,3 +493,9 @@ def test_etcd_discovery_and_the_etcd_reference(etcd_server: EtcdServer, tmp_path
     assert done.returncode == 0, done.stderr
     record = json.loads(out.read_text())
     assert (record["successes"], record["failures"]) == (300, {}) and "GET on etcd" in done.stdout
+
+
+def test_the_results_name_the_commit_of_the_checkout_they_ran_from() -> None:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert head.returncode == 0, head.stderr  # the suite runs from a checkout
+    assert machine()["commit"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
