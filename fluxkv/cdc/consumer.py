@@ -47,7 +47,7 @@ from aiormq.exceptions import (
 from fluxkv import config
 from fluxkv.cdc.dedup import Deduplicator
 from fluxkv.cdc.events import Event, SchemaError, decode_batch, join_events
-from fluxkv.core.backoff import Backoff
+from fluxkv.core.backoff import Backoff, stop_if_cancelling
 from fluxkv.obs import logs
 from fluxkv.version import __version__
 
@@ -271,6 +271,7 @@ class CdcConsumer:
                 self._changed.set()
                 return
             except Exception as exc:
+                stop_if_cancelling()
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._consuming:
                     backoff.reset()

@@ -50,7 +50,7 @@ from fluxkv.cdc import events as cdc_events
 from fluxkv.cdc.checkpoint import CHECKPOINT_INTERVAL_S, Checkpoint
 from fluxkv.cdc.queue import CdcQueue
 from fluxkv.config import Settings, redact_url
-from fluxkv.core.backoff import Backoff
+from fluxkv.core.backoff import Backoff, stop_if_cancelling
 from fluxkv.core.changes import ChangeRecord, record_bytes
 from fluxkv.obs.metrics import Family, counter, gauge, states
 from fluxkv.obs.tracing import Tracing
@@ -327,11 +327,7 @@ class CdcPublisher:
             try:
                 connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
                 channel = await self._declare(connection)
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # aiormq can swallow a cancellation that arrives while it
-                    # connects; the task was asked to stop, so stop.
-                    raise asyncio.CancelledError
+                stop_if_cancelling()
                 self.connection = "connected"
                 log.info(
                     "CDC connected to %s: publishing to exchange %r (%s)%s",
@@ -345,6 +341,7 @@ class CdcPublisher:
                 last_error = ""
                 await self._pump(connection, channel)
             except Exception as exc:
+                stop_if_cancelling()
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self.connection == "connected":
                     log.warning(

@@ -70,3 +70,14 @@ async def wait_or_stop(seconds: float, stop: asyncio.Event) -> bool:
         async with asyncio.timeout(seconds):
             await stop.wait()
     return stop.is_set()
+
+
+def stop_if_cancelling() -> None:
+    """For a retry loop, after an attempt: raise CancelledError if the task
+    was asked to stop. aiormq connects in a task of its own, and a
+    cancellation that arrives as that task ends is lost: the caller sees the
+    connection, or its error, instead. Without this check the loop would
+    retry forever with nobody left to cancel it again."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

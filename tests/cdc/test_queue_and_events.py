@@ -5,13 +5,18 @@ involved)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import NoReturn
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fluxkv import config
+from fluxkv.cdc.consumer import CdcConsumer
 from fluxkv.cdc.events import SchemaError, decode_batch, encode_event, encode_flux_kv, join_events
+from fluxkv.cdc.publisher import CdcPublisher
 from fluxkv.cdc.queue import CdcQueue
 from fluxkv.core.changes import ChangeRecord, Op
 from fluxkv.core.errors import ErrorKind, KVError
@@ -241,3 +246,35 @@ async def test_a_cancelled_waiter_lets_the_next_one_in() -> None:
     first.cancel()  # e.g. the caller went away
     await second
     assert first.cancelled()
+
+
+async def connect_losing_the_cancellation(*args: object, **kwargs: object) -> NoReturn:
+    """aio_pika.connect as aiormq can behave: a cancellation that arrives as
+    its own connect task ends is lost, and the caller sees the error."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)  # where the cancellation is delivered, and lost
+    raise ConnectionRefusedError("connection refused")
+
+
+async def test_the_publisher_stops_when_a_connect_loses_its_cancellation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fluxkv.cdc.publisher.aio_pika.connect", connect_losing_the_cancellation)
+    queue = CdcQueue(max_events=10, max_bytes=1000, policy="drop", block_timeout_ms=0)
+    publisher = CdcPublisher(queue, config.Settings(rabbitmq_url="amqp://guest:guest@127.0.0.1:1/"))
+    run = asyncio.create_task(publisher.run("node", "epoch"))
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(30):  # else it retries forever: TimeoutError
+            await run
+    assert run.cancelled()
+
+
+async def test_the_consumer_stops_when_a_connect_loses_its_cancellation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fluxkv.cdc.consumer.aio_pika.connect", connect_losing_the_cancellation)
+    consumer = CdcConsumer("amqp://guest:guest@127.0.0.1:1/")
+    run = asyncio.create_task(consumer._connect_forever())  # what `async with consumer` starts and close() cancels
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(30):  # else it retries forever: TimeoutError
+            await run
+    assert run.cancelled()
