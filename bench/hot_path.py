@@ -221,7 +221,7 @@ print(json.dumps({"keys": len(store), "empty_rss": empty, "full_rss": full, "dat
 
 def measure_memory(mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n== 2. memory: {mode.keys} keys ({key_name(0)!r}...) of {args.value_size}-byte values, in a fresh "
-          f"process with the watch history attached, {mode.rounds} processes")  # fmt: skip
+          f"process with the watch history attached, {max(1, min(mode.rounds, 3))} processes")  # fmt: skip
     runs = []
     for _ in range(max(1, min(mode.rounds, 3))):
         done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT), str(mode.keys), str(args.value_size)],
