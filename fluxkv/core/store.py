@@ -235,7 +235,12 @@ class Store:
         kb = key.encode()
         shard = self._shards[zlib.crc32(kb) & 0xFF]
         with shard.lock:
-            self._put(shard, key, kb, value, mod_revision, expires_at_ms, shard.data.get(key))
+            old = shard.data.get(key)
+            if old is None and not expires_at_ms:  # the common case, made quick for a replay
+                shard.data[key] = value + _REVISION.pack(mod_revision)
+                shard.nbytes += len(kb) + len(value)
+            else:
+                self._put(shard, key, kb, value, mod_revision, expires_at_ms, old)
 
     def unload(self, key: str) -> None:
         """Remove a key as the append-only file recorded it (replay only)."""
