@@ -170,7 +170,7 @@ class Store:
                     self._expire(index, shard, key, packed, now)
                     return None
                 ttl = deadline - now
-            return Item(key, packed[:-_REVISION_SIZE], _revision_of(packed), ttl)
+            return _new_tuple(Item, (key, packed[:-_REVISION_SIZE], _revision_of(packed), ttl))
 
     def __len__(self) -> int:
         return sum(len(s.data) for s in self._shards)
@@ -202,7 +202,7 @@ class Store:
             expires_at = now + ttl_ms if ttl_ms else 0
             revision = self._commit(index, Op.SET, key, value, expires_at, now)
             self._put(shard, key, kb, value, revision, expires_at, old)
-            return Outcome(True, revision, old is not None)
+            return _new_tuple(Outcome, (True, revision, old is not None))
 
     def delete(self, key: str, expect_revision: int | None = None) -> Outcome:
         kb = key.encode()
@@ -364,7 +364,6 @@ class Store:
             revision = self._revision + 1
             self._revision = revision
             if self._sinks:
-                # tuple.__new__: half the cost of the NamedTuple's own __new__.
                 record = _new_tuple(ChangeRecord, (revision, op, key, value, expires_at, now, index))
                 for sink in self._sinks:
                     sink.append(record)
@@ -408,4 +407,6 @@ class Store:
             shard.stale += 1
 
 
+# Builds the NamedTuples made once per call (Item, Outcome, ChangeRecord) for
+# half the cost of their own __new__: _new_tuple(Item, (key, value, ...)).
 _new_tuple = tuple.__new__
