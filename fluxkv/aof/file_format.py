@@ -67,6 +67,16 @@ class AofCorrupt(Exception):
         self.reason = reason
 
 
+# Plain ints and module constants for the per-record work: looking up an Enum
+# member costs about 0.2 µs on Python 3.11.
+_KIND_SET, _KIND_DELETE, _KIND_EXPIRE, _KIND_SNAPSHOT, _KIND_HEADER = (
+    int(k) for k in (Kind.SET, Kind.DELETE, Kind.EXPIRE, Kind.SNAPSHOT, Kind.HEADER)
+)
+_SET_SIZE, _REMOVE_SIZE, _SNAPSHOT_SIZE = _SET.size, _REMOVE.size, _SNAPSHOT.size
+_new_tuple = tuple.__new__  # half the cost of a NamedTuple's own __new__, per record
+_OP_SET, _OP_DELETE, _OP_EXPIRE = Op.SET, Op.DELETE, Op.EXPIRE
+
+
 def _frame(kind: Kind, body: bytes) -> bytes:
     payload = bytes((kind,)) + body
     return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
@@ -76,29 +86,27 @@ def encode_header(header: Header) -> bytes:
     return MAGIC + _frame(Kind.HEADER, _HEADER.pack(header.base_revision, header.created_ms) + header.epoch.encode())
 
 
+# A change's kind byte and body header in one pack (the writer encodes every change).
+_SET_PAYLOAD = struct.Struct("<BQQQI")  # Kind.SET, then _SET
+_REMOVE_PAYLOAD = struct.Struct("<BQQ")  # Kind.DELETE or EXPIRE, then _REMOVE
+_LENGTH_CRC = struct.Struct("<II")
+
+
 def encode_change(record: ChangeRecord) -> bytes:
-    key = record.key.encode()
-    if record.op is Op.SET:
-        assert record.value is not None
-        body = _SET.pack(record.revision, record.ts_ms, record.expires_at_ms, len(key)) + key + record.value
-        kind = Kind.SET
+    revision, op, key, value, expires_at, ts_ms, _ = record
+    kb = key.encode()
+    if op is _OP_SET:
+        assert value is not None
+        payload = b"".join((_SET_PAYLOAD.pack(_KIND_SET, revision, ts_ms, expires_at, len(kb)), kb, value))
     else:
-        body = _REMOVE.pack(record.revision, record.ts_ms) + key
-        kind = Kind.DELETE if record.op is Op.DELETE else Kind.EXPIRE
-    return _frame(kind, body)
+        kind = _KIND_DELETE if op is _OP_DELETE else _KIND_EXPIRE
+        payload = _REMOVE_PAYLOAD.pack(kind, revision, ts_ms) + kb
+    return _LENGTH_CRC.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def encode_snapshot(entry: Snapshot) -> bytes:
     key = entry.key.encode()
     return _frame(Kind.SNAPSHOT, _SNAPSHOT.pack(entry.mod_revision, entry.expires_at_ms, len(key)) + key + entry.value)
-
-
-# Plain ints for the per-record dispatch: an IntEnum member costs a lookup each time.
-_KIND_SET, _KIND_DELETE, _KIND_EXPIRE, _KIND_SNAPSHOT, _KIND_HEADER = (
-    int(k) for k in (Kind.SET, Kind.DELETE, Kind.EXPIRE, Kind.SNAPSHOT, Kind.HEADER)
-)
-_SET_SIZE, _REMOVE_SIZE, _SNAPSHOT_SIZE = _SET.size, _REMOVE.size, _SNAPSHOT.size
-_new_tuple = tuple.__new__  # half the cost of a NamedTuple's own __new__, per record
 
 
 def decode(kind: int, body: memoryview) -> ChangeRecord | Snapshot | Header:
@@ -109,12 +117,12 @@ def decode(kind: int, body: memoryview) -> ChangeRecord | Snapshot | Header:
         if end > len(body):
             raise ValueError("key length past the record's end")
         key = body[_SET_SIZE:end]  # the shard is the CRC of these bytes
-        record = (revision, Op.SET, str(key, "utf-8"), bytes(body[end:]), expires_at, ts_ms, zlib.crc32(key) & 0xFF)
+        record = (revision, _OP_SET, str(key, "utf-8"), bytes(body[end:]), expires_at, ts_ms, zlib.crc32(key) & 0xFF)
         return _new_tuple(ChangeRecord, record)
     if kind == _KIND_DELETE or kind == _KIND_EXPIRE:
         revision, ts_ms = _REMOVE.unpack_from(body)
         key = body[_REMOVE_SIZE:]
-        op = Op.DELETE if kind == _KIND_DELETE else Op.EXPIRE
+        op = _OP_DELETE if kind == _KIND_DELETE else _OP_EXPIRE
         return _new_tuple(ChangeRecord, (revision, op, str(key, "utf-8"), None, 0, ts_ms, zlib.crc32(key) & 0xFF))
     if kind == _KIND_SNAPSHOT:
         mod_revision, expires_at, key_len = _SNAPSHOT.unpack_from(body)

@@ -44,6 +44,8 @@ _HEAP_REBUILD_MIN_STALE = 1024
 # An entry's mod_revision, after its value.
 _REVISION = struct.Struct("<Q")
 _REVISION_SIZE = _REVISION.size
+# Looking up an Enum member costs about 0.2 µs on Python 3.11: the write path uses these.
+_SET, _DELETE, _EXPIRE = Op.SET, Op.DELETE, Op.EXPIRE
 
 
 def shard_of(key: str) -> int:
@@ -200,7 +202,7 @@ class Store:
             if expect_revision is not None and (refused := _refusal(old, expect_revision)) is not None:
                 return refused
             expires_at = now + ttl_ms if ttl_ms else 0
-            revision = self._commit(index, Op.SET, key, value, expires_at, now)
+            revision = self._commit(index, _SET, key, value, expires_at, now)
             self._put(shard, key, kb, value, revision, expires_at, old)
             return _new_tuple(Outcome, (True, revision, old is not None))
 
@@ -217,7 +219,7 @@ class Store:
                 return refused
             if old is None:
                 return Outcome(True, self._revision, False)
-            revision = self._commit(index, Op.DELETE, key, None, 0, now)
+            revision = self._commit(index, _DELETE, key, None, 0, now)
             self._remove(shard, key, len(kb), old)
             return Outcome(True, revision, True)
 
@@ -378,7 +380,7 @@ class Store:
         return packed
 
     def _expire(self, index: int, shard: _Shard, key: str, packed: bytes, now: int) -> None:
-        self._commit(index, Op.EXPIRE, key, None, 0, now)
+        self._commit(index, _EXPIRE, key, None, 0, now)
         self._remove(shard, key, text_bytes(key), packed)
         shard.expired += 1
 
