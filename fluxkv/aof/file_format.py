@@ -67,6 +67,16 @@ class AofCorrupt(Exception):
         self.reason = reason
 
 
+# Plain ints and module constants for the per-record work: looking up an Enum
+# member costs about 0.2 µs on Python 3.11.
+_KIND_SET, _KIND_DELETE, _KIND_EXPIRE, _KIND_SNAPSHOT, _KIND_HEADER = (
+    int(k) for k in (Kind.SET, Kind.DELETE, Kind.EXPIRE, Kind.SNAPSHOT, Kind.HEADER)
+)
+_SET_SIZE, _REMOVE_SIZE, _SNAPSHOT_SIZE = _SET.size, _REMOVE.size, _SNAPSHOT.size
+_new_tuple = tuple.__new__  # half the cost of a NamedTuple's own __new__, per record
+_OP_SET, _OP_DELETE, _OP_EXPIRE = Op.SET, Op.DELETE, Op.EXPIRE
+
+
 def _frame(kind: Kind, body: bytes) -> bytes:
     payload = bytes((kind,)) + body
     return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
@@ -76,16 +86,22 @@ def encode_header(header: Header) -> bytes:
     return MAGIC + _frame(Kind.HEADER, _HEADER.pack(header.base_revision, header.created_ms) + header.epoch.encode())
 
 
+# A change's kind byte and body header in one pack (the writer encodes every change).
+_SET_PAYLOAD = struct.Struct("<BQQQI")  # Kind.SET, then _SET
+_REMOVE_PAYLOAD = struct.Struct("<BQQ")  # Kind.DELETE or EXPIRE, then _REMOVE
+_LENGTH_CRC = struct.Struct("<II")
+
+
 def encode_change(record: ChangeRecord) -> bytes:
-    key = record.key.encode()
-    if record.op is Op.SET:
-        assert record.value is not None
-        body = _SET.pack(record.revision, record.ts_ms, record.expires_at_ms, len(key)) + key + record.value
-        kind = Kind.SET
+    revision, op, key, value, expires_at, ts_ms, _ = record
+    kb = key.encode()
+    if op is _OP_SET:
+        assert value is not None
+        payload = b"".join((_SET_PAYLOAD.pack(_KIND_SET, revision, ts_ms, expires_at, len(kb)), kb, value))
     else:
-        body = _REMOVE.pack(record.revision, record.ts_ms) + key
-        kind = Kind.DELETE if record.op is Op.DELETE else Kind.EXPIRE
-    return _frame(kind, body)
+        kind = _KIND_DELETE if op is _OP_DELETE else _KIND_EXPIRE
+        payload = _REMOVE_PAYLOAD.pack(kind, revision, ts_ms) + kb
+    return _LENGTH_CRC.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def encode_snapshot(entry: Snapshot) -> bytes:
@@ -93,29 +109,28 @@ def encode_snapshot(entry: Snapshot) -> bytes:
     return _frame(Kind.SNAPSHOT, _SNAPSHOT.pack(entry.mod_revision, entry.expires_at_ms, len(key)) + key + entry.value)
 
 
-_OPS = {Kind.DELETE: Op.DELETE, Kind.EXPIRE: Op.EXPIRE}
-
-
 def decode(kind: int, body: memoryview) -> ChangeRecord | Snapshot | Header:
     """One record's content (ValueError if it does not parse)."""
-    if kind == Kind.SET:
+    if kind == _KIND_SET:
         revision, ts_ms, expires_at, key_len = _SET.unpack_from(body)
-        end = _SET.size + key_len
+        end = _SET_SIZE + key_len
         if end > len(body):
             raise ValueError("key length past the record's end")
-        key = str(body[_SET.size : end], "utf-8")
-        return ChangeRecord(revision, Op.SET, key, bytes(body[end:]), expires_at, ts_ms, _shard(key))
-    if kind == Kind.DELETE or kind == Kind.EXPIRE:
+        key = body[_SET_SIZE:end]  # the shard is the CRC of these bytes
+        record = (revision, _OP_SET, str(key, "utf-8"), bytes(body[end:]), expires_at, ts_ms, zlib.crc32(key) & 0xFF)
+        return _new_tuple(ChangeRecord, record)
+    if kind == _KIND_DELETE or kind == _KIND_EXPIRE:
         revision, ts_ms = _REMOVE.unpack_from(body)
-        key = str(body[_REMOVE.size :], "utf-8")
-        return ChangeRecord(revision, _OPS[Kind(kind)], key, None, 0, ts_ms, _shard(key))
-    if kind == Kind.SNAPSHOT:
+        key = body[_REMOVE_SIZE:]
+        op = _OP_DELETE if kind == _KIND_DELETE else _OP_EXPIRE
+        return _new_tuple(ChangeRecord, (revision, op, str(key, "utf-8"), None, 0, ts_ms, zlib.crc32(key) & 0xFF))
+    if kind == _KIND_SNAPSHOT:
         mod_revision, expires_at, key_len = _SNAPSHOT.unpack_from(body)
-        end = _SNAPSHOT.size + key_len
+        end = _SNAPSHOT_SIZE + key_len
         if end > len(body):
             raise ValueError("key length past the record's end")
-        return Snapshot(str(body[_SNAPSHOT.size : end], "utf-8"), bytes(body[end:]), mod_revision, expires_at)
-    if kind == Kind.HEADER:
+        return Snapshot(str(body[_SNAPSHOT_SIZE:end], "utf-8"), bytes(body[end:]), mod_revision, expires_at)
+    if kind == _KIND_HEADER:
         base, created = _HEADER.unpack_from(body)
         return Header(str(body[_HEADER.size :], "utf-8"), base, created)
     raise ValueError(f"unknown record kind {kind}")
@@ -158,13 +173,15 @@ def read_records(
     f.seek(offset)
     buf = memoryview(b"")
     pos = 0  # position of `offset` in buf
+    # Locals: this loop runs once per record of a replay.
+    frame_size, unpack_frame, crc32 = FRAME.size, FRAME.unpack_from, zlib.crc32
     while offset < size:
-        if len(buf) - pos < FRAME.size:
-            buf, pos = _refill(f, buf, pos, FRAME.size, size - offset)
-            if len(buf) - pos < FRAME.size:
-                yield Torn(offset, f"{len(buf) - pos} bytes where a record's {FRAME.size}-byte frame starts")
+        if len(buf) - pos < frame_size:
+            buf, pos = _refill(f, buf, pos, frame_size, size - offset)
+            if len(buf) - pos < frame_size:
+                yield Torn(offset, f"{len(buf) - pos} bytes where a record's {frame_size}-byte frame starts")
                 return
-        length, crc, kind = FRAME.unpack_from(buf, pos)
+        length, crc, kind = unpack_frame(buf, pos)
         total = 8 + length
         if length == 0 or length > MAX_RECORD:
             if offset + total >= size or _zeros_to_end(f, offset, size):
@@ -176,14 +193,13 @@ def read_records(
             if len(buf) - pos < total:
                 yield Torn(offset, f"a {total}-byte record with only {len(buf) - pos} bytes left in the file")
                 return
-        payload = buf[pos + 8 : pos + total]
-        if zlib.crc32(payload) != crc:
+        if crc32(buf[pos + 8 : pos + total]) != crc:
             if offset + total == size or _zeros_to_end(f, offset + total, size):
                 yield Torn(offset, "the last record's checksum does not match")
                 return
             raise AofCorrupt(path, offset, f"checksum mismatch in a {total}-byte record")
         try:
-            record = decode(kind, payload[1:])
+            record = decode(kind, buf[pos + 9 : pos + total])
         except (ValueError, struct.error, UnicodeDecodeError) as exc:
             raise AofCorrupt(path, offset, f"a record with a valid checksum does not parse: {exc}") from None
         yield offset, total, record

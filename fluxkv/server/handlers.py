@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Protocol
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
 from fluxkv.aof.file import AofCounters, AppendOnlyFile
 from fluxkv.cdc.publisher import CdcCounters
 from fluxkv.cdc.queue import CdcQueue
@@ -28,6 +30,8 @@ from fluxkv.proto import compat_kv_pb2 as compat_pb2
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.rpc import call_context
 
+# A validated SetRequest: key, value, ttl_ms, expect_revision (None: unconditional).
+_Write = tuple[str, bytes, int, int | None]
 DEFAULT_SCAN_LIMIT = 100
 _KV_METHODS = pb.DESCRIPTOR.services_by_name["KV"].methods_by_name
 
@@ -61,62 +65,73 @@ class Limits:
         # (UTF-8 needs at most 4 bytes per character): no need to encode it.
         self._short_key = settings.max_key_bytes // 4
 
-    def key(self, key: str, where: str = "") -> None:
+    def key(self, key: str) -> None:
         if not key:
-            raise invalid(f"{where}key must not be empty")
+            raise invalid("key must not be empty")
         if len(key) > self._short_key:
             size = len(key.encode())
             if size > self.max_key:
-                raise invalid(
-                    f"{where}key is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)"
-                )
+                raise invalid(f"key is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)")
 
     def prefix(self, prefix: str) -> None:
         if len(prefix) > self._short_key and (size := len(prefix.encode())) > self.max_key:
             raise invalid(f"prefix is {size} bytes, over the limit of {self.max_key} bytes (FLUX_MAX_KEY_BYTES)")
 
-    def value(self, size: int, where: str = "") -> None:
+    def value(self, size: int) -> None:
         if size > self.max_value:
-            raise invalid(
-                f"{where}value is {size} bytes, over the limit of {self.max_value} bytes (FLUX_MAX_VALUE_BYTES)"
-            )
+            raise invalid(f"value is {size} bytes, over the limit of {self.max_value} bytes (FLUX_MAX_VALUE_BYTES)")
 
     def items(self, count: int, what: str) -> None:
         if count > self.max_items:
             raise invalid(f"{what} has {count} items, over the limit of {self.max_items} (FLUX_MAX_BATCH_ITEMS)")
 
-    def set_request(self, item: pb.SetRequest, where: str = "") -> int | None:
-        """Validate a SetRequest; return its expect_revision (None = unconditional)."""
-        self.key(item.key, where)
-        self.value(len(item.value), where)
-        if item.ttl_ms < 0:
-            raise invalid(f"{where}ttl_ms must not be negative, got {item.ttl_ms}")
+    def set_request(self, item: pb.SetRequest) -> _Write:
+        """Validate a SetRequest; return its key, value, ttl_ms and expect_revision
+        (None = unconditional), each read from the message once."""
+        key, value, ttl_ms = item.key, item.value, item.ttl_ms
+        self.key(key)
+        self.value(len(value))
+        if ttl_ms < 0:
+            raise invalid(f"ttl_ms must not be negative, got {ttl_ms}")
         if not item.HasField("expect_revision"):
-            return None
-        if item.expect_revision < 0:
-            raise invalid(
-                f"{where}expect_revision must be 0 (only if absent) or a revision above 0, got {item.expect_revision}"
-            )
-        return item.expect_revision
+            return key, value, ttl_ms, None
+        expect = item.expect_revision
+        if expect < 0:
+            raise invalid(f"expect_revision must be 0 (only if absent) or a revision above 0, got {expect}")
+        return key, value, ttl_ms, expect
 
 
 class WritePath:
     """What a write goes through besides the store: before it is applied, the
     append-only file must be writable and (CDC policy "block") the CDC queue
     must have room; before it is acknowledged, the file must hold it as its
-    fsync policy promises."""
+    fsync policy promises.
+
+    The waits are coroutines that a write awaits only when it must: a handler
+    calls check() or, when `gated`, awaits admit(); and awaits acknowledge()
+    only if must_wait()."""
 
     def __init__(self, gate: CdcQueue | None, aof: AppendOnlyFile | None) -> None:
         self._gate = gate
         self._aof = aof
+        self.gated = gate is not None
 
-    async def admit(self, events: int, nbytes: int) -> None:
+    def check(self) -> None:
+        """What admit() checks without waiting: that the file can be written."""
         if self._aof is not None:
             self._aof.check_writable()
+
+    async def admit(self, events: int, nbytes: int) -> None:
+        self.check()
         if self._gate is not None:
             await self._gate.admit(events, nbytes, call_context.time_remaining)
 
+    def must_wait(self, revision: int) -> bool:
+        aof = self._aof
+        return aof is not None and aof.must_wait(revision)
+
     async def acknowledge(self, revision: int) -> None:
+        """Return once the write at `revision` may be acknowledged (if must_wait())."""
         aof = self._aof
         if aof is not None and aof.must_wait(revision):
             await aof.acknowledged(revision)
@@ -147,19 +162,25 @@ class KVHandlers:
         self._watch_hub = watch_hub
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
-        self._limits.key(request.key)
-        item = self._store.get(request.key)
+        key = request.key
+        self._limits.key(key)
+        item = self._store.get(key)
         if item is None:
             return pb.GetResponse()
         return pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
 
     async def set(self, request: pb.SetRequest) -> pb.SetResponse:
-        expect = self._limits.set_request(request)
-        await self._writes.admit(1, change_bytes(request.key, request.value))
-        outcome = self._store.set(request.key, request.value, request.ttl_ms, expect)
+        key, value, ttl_ms, expect = self._limits.set_request(request)
+        writes = self._writes
+        if writes.gated:
+            await writes.admit(1, change_bytes(key, value))
+        else:
+            writes.check()
+        outcome = self._store.set(key, value, ttl_ms, expect)
         if not outcome.applied:
-            raise _condition_failed(request.key, expect, outcome.revision)
-        await self._writes.acknowledge(outcome.revision)
+            raise _condition_failed(key, expect, outcome.revision)
+        if writes.must_wait(outcome.revision):
+            await writes.acknowledge(outcome.revision)
         return pb.SetResponse(revision=outcome.revision, created=not outcome.existed)
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
@@ -169,95 +190,118 @@ class KVHandlers:
             expect = request.expect_revision
             if expect <= 0:
                 raise invalid(f"expect_revision of a Delete must be a revision above 0, got {expect}")
-        await self._writes.admit(1, change_bytes(request.key, None))
+        writes = self._writes
+        if writes.gated:
+            await writes.admit(1, change_bytes(request.key, None))
+        else:
+            writes.check()
         outcome = self._store.delete(request.key, expect)
         if not outcome.applied:
             raise _condition_failed(request.key, expect, outcome.revision)
-        if outcome.existed:
-            await self._writes.acknowledge(outcome.revision)
+        if outcome.existed and writes.must_wait(outcome.revision):
+            await writes.acknowledge(outcome.revision)
         return pb.DeleteResponse(deleted=outcome.existed, revision=outcome.revision)
 
     async def multi_get(self, request: pb.MultiGetRequest) -> pb.MultiGetResponse:
         keys = request.keys
         self._limits.items(len(keys), "MultiGet")
+        check = self._limits.key
         for i, key in enumerate(keys):
-            self._limits.key(key, f"keys[{i}]: ")
+            try:
+                check(key)
+            except KVError as exc:
+                raise invalid(f"keys[{i}]: {exc.message}") from None
         if self._router is None:
-            results = self._gets(keys)
+            response = pb.MultiGetResponse()
+            size = self._gets(keys, response.results)
         else:
             router = self._router
 
             async def local(indexes: list[int]) -> list[pb.GetResponse]:
-                return self._gets([keys[i] for i in indexes])
+                part = pb.MultiGetResponse()
+                self._gets([keys[i] for i in indexes], part.results)
+                return list(part.results)
 
             async def remote(owner: str, indexes: list[int]) -> list[pb.GetResponse]:
                 part = pb.MultiGetRequest(keys=[keys[i] for i in indexes])
                 return list((await router.forward(owner, _KV_METHODS["MultiGet"], part)).results)
 
             results = await router.split(keys, local, remote)
-        size = sum(len(r.value) for r in results)
+            size = sum(len(r.value) for r in results)
+            response = pb.MultiGetResponse(results=results)
         if size > self._limits.max_batch:
             raise KVError(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"the values of these {len(keys)} keys add up to {size} bytes, over the limit of "
                 f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES); ask for fewer keys per call",
             )
-        return pb.MultiGetResponse(results=results)
+        return response
 
-    def _gets(self, keys: Sequence[str]) -> list[pb.GetResponse]:
-        results = []
+    def _gets(self, keys: Sequence[str], results: RepeatedCompositeFieldContainer[pb.GetResponse]) -> int:
+        """Add each key's GetResponse to `results` (added in place: no copy); the values' total size."""
+        get, add = self._store.get, results.add
+        size = 0
         for key in keys:
-            item = self._store.get(key)
+            item = get(key)
             if item is None:
-                results.append(pb.GetResponse())
+                add()
             else:
-                results.append(
-                    pb.GetResponse(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
-                )
-        return results
+                add(found=True, value=item.value, mod_revision=item.mod_revision, ttl_ms=item.ttl_ms)
+                size += len(item.value)
+        return size
 
     async def multi_set(self, request: pb.MultiSetRequest) -> pb.MultiSetResponse:
         items = request.items
         self._limits.items(len(items), "MultiSet")
-        expects = []
-        size = 0
+        check = self._limits.set_request
+        writes: list[_Write] = []
         for i, item in enumerate(items):
-            expects.append(self._limits.set_request(item, f"items[{i}]: "))
-            size += change_bytes(item.key, item.value)
+            try:
+                writes.append(check(item))
+            except KVError as exc:
+                raise invalid(f"items[{i}]: {exc.message}") from None
+        size = sum([change_bytes(key, value) for key, value, _, _ in writes])
         if size > self._limits.max_batch:
             raise invalid(
                 f"MultiSet carries {size} bytes of keys and values, over the limit of "
                 f"{self._limits.max_batch} bytes (FLUX_MAX_BATCH_BYTES)"
             )
         if self._router is None:
-            return pb.MultiSetResponse(results=await self._sets(items, expects, size))
+            response = pb.MultiSetResponse()
+            await self._sets(writes, size, response.results)
+            return response
         router = self._router
 
         async def local(indexes: list[int]) -> list[pb.SetResult]:
-            mine = [items[i] for i in indexes]
-            size = sum(change_bytes(i.key, i.value) for i in mine)
-            return await self._sets(mine, [expects[i] for i in indexes], size)
+            mine = [writes[i] for i in indexes]
+            part = pb.MultiSetResponse()
+            await self._sets(mine, sum(change_bytes(key, value) for key, value, _, _ in mine), part.results)
+            return list(part.results)
 
         async def remote(owner: str, indexes: list[int]) -> list[pb.SetResult]:
             part = pb.MultiSetRequest(items=[items[i] for i in indexes])
             return list((await router.forward(owner, _KV_METHODS["MultiSet"], part)).results)
 
-        return pb.MultiSetResponse(results=await router.split([i.key for i in items], local, remote))
+        return pb.MultiSetResponse(results=await router.split([key for key, _, _, _ in writes], local, remote))
 
-    async def _sets(self, items: Sequence[pb.SetRequest], expects: list[int | None], size: int) -> list[pb.SetResult]:
-        await self._writes.admit(len(items), size)
-        results = []
+    async def _sets(
+        self, writes: Sequence[_Write], size: int, results: RepeatedCompositeFieldContainer[pb.SetResult]
+    ) -> None:
+        """Apply the writes in order, adding each one's SetResult to `results`."""
+        path = self._writes
+        if path.gated:
+            await path.admit(len(writes), size)
+        else:
+            path.check()
+        set_, add = self._store.set, results.add
         last = 0
-        for item, expect in zip(items, expects, strict=True):
-            outcome = self._store.set(item.key, item.value, item.ttl_ms, expect)
-            results.append(
-                pb.SetResult(applied=outcome.applied, revision=outcome.revision, created=not outcome.existed)
-            )
-            if outcome.applied:
-                last = outcome.revision
-        if last:
-            await self._writes.acknowledge(last)
-        return results
+        for key, value, ttl_ms, expect in writes:
+            applied, revision, existed = set_(key, value, ttl_ms, expect)
+            add(applied=applied, revision=revision, created=not existed)
+            if applied:
+                last = revision
+        if last and path.must_wait(last):
+            await path.acknowledge(last)
 
     async def scan(self, request: pb.ScanRequest) -> pb.ScanResponse:
         limit = request.limit or min(DEFAULT_SCAN_LIMIT, self._limits.max_items)
@@ -330,7 +374,9 @@ class CompatHandlers:
         value = request.value.encode()
         self._limits.value(len(value))
         await self._writes.admit(1, change_bytes(request.key, value))
-        await self._writes.acknowledge(self._store.set(request.key, value).revision)
+        revision = self._store.set(request.key, value).revision
+        if self._writes.must_wait(revision):
+            await self._writes.acknowledge(revision)
         return compat_pb2.SetResponse(success=True)
 
     async def get(self, request: compat_pb2.GetRequest) -> compat_pb2.GetResponse:

@@ -151,9 +151,11 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_is_exact(self) -> None:
         for shard in self.store._shards:
-            live_ttls = sum(1 for e in shard.data.values() if e.expires_at_ms)
+            entries = shard.entries()
+            live_ttls = sum(1 for _, e in entries if e.expires_at_ms)
             assert len(shard.deadlines) == shard.stale + live_ttls
-            assert shard.nbytes == sum(len(k.encode()) + len(e.value) for k, e in shard.data.items())
+            assert shard.nbytes == sum(len(k.encode()) + len(e.value) for k, e in entries)
+            assert shard.expiries.keys() <= shard.data.keys()
         # The model keeps expired keys the store has not reaped yet.
         stored = {k for s in self.store._shards for k in s.data}
         assert stored <= set(self.model)
