@@ -1,4 +1,4 @@
-"""fluxkv.etcd_client against a real etcd (deploy/private_servers.py): keys, leases, watches, compaction, failover,
+"""fluxkv.cluster.etcd_client against a real etcd (deploy/private_servers.py): keys, leases, watches, compaction, failover,
 deadlines, and etcd going away and coming back."""
 
 from __future__ import annotations
