@@ -371,8 +371,10 @@ class RealClock:
         return time.monotonic_ns()
 
     async def sleep_until(self, t: int) -> None:
-        delay = (t - time.monotonic_ns()) / 1e9
-        if delay > 0:
+        # uvloop's timers count whole milliseconds from a time cached per loop
+        # turn, so a sleep can end up to a millisecond early: sleep again for
+        # what is left, so that no request goes out before it is due.
+        while (delay := (t - time.monotonic_ns()) / 1e9) > 0:
             await asyncio.sleep(delay)
 
 

@@ -1,5 +1,5 @@
-"""fluxkv.cluster.etcd_client against a real etcd (deploy/private_servers.py): keys, leases, watches, compaction, failover,
-deadlines, and etcd going away and coming back."""
+"""fluxkv.cluster.etcd_client against a real etcd (deploy/private_servers.py): keys, leases, watches, compaction,
+failover, deadlines, and etcd going away and coming back."""
 
 from __future__ import annotations
 
