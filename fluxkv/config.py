@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,11 @@ class Settings:
     grpc_server: str = "native"
     event_loop: str = "auto"
     node_id: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tls_ca_file: str = ""
+    auth_tokens_file: str = ""
     max_key_bytes: int = 4 * KIB
     max_value_bytes: int = 1 * MIB
     max_batch_items: int = 1000
@@ -43,6 +49,9 @@ class Settings:
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     rabbitmq_url: str = ""
+    rabbitmq_ca_file: str = ""
+    rabbitmq_cert_file: str = ""
+    rabbitmq_key_file: str = ""
     cdc_exchange: str = "flux_kv_events"
     cdc_exchange_type: str = "fanout"
     cdc_queue: str = "flux_cdc_file_logger"
@@ -58,6 +67,11 @@ class Settings:
     watch_history: int = 10_000
     watch_history_bytes: int = 64 * MIB
     etcd_endpoints: tuple[str, ...] = ()
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+    etcd_username: str = ""
+    etcd_password: str = ""
     etcd_prefix: str = "/services/kv-service/"
     etcd_lease_ttl_s: int = 5
     etcd_timeout_s: float = 5.0
@@ -213,6 +227,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "node_id", "FLUX_NODE_ID", "This node's id in Info and change records; empty means <hostname>:<port>.", _text
     ),
+    Setting(
+        "tls_cert_file",
+        "FLUX_TLS_CERT_FILE",
+        "PEM certificate (a chain allowed) the gRPC and admin ports serve TLS with, together with FLUX_TLS_KEY_FILE; "
+        "empty serves plaintext. A TLS node serves on grpcio (pygrpc-native has no TLS).",
+        _text,
+    ),
+    Setting("tls_key_file", "FLUX_TLS_KEY_FILE", "PEM private key of FLUX_TLS_CERT_FILE.", _text),
+    Setting(
+        "tls_client_ca_file",
+        "FLUX_TLS_CLIENT_CA_FILE",
+        "PEM CA certificates: with TLS on, a client must present a certificate signed by one of them (mutual TLS); "
+        "empty asks for none.",
+        _text,
+    ),
+    Setting(
+        "tls_ca_file",
+        "FLUX_TLS_CA_FILE",
+        "PEM CA certificates a node verifies other nodes' certificates with when it forwards a call (the CA that "
+        "the nodes' clients use); empty: the system's.",
+        _text,
+    ),
+    Setting(
+        "auth_tokens_file",
+        "FLUX_AUTH_TOKENS_FILE",
+        "TOML file of the tokens callers may send, each with a role and key prefixes (docs/security.md); SIGHUP "
+        "reloads it. Empty: no token needed.",
+        _text,
+    ),
     Setting("max_key_bytes", "FLUX_MAX_KEY_BYTES", "Largest key accepted, in UTF-8 bytes.", _int(1)),
     Setting("max_value_bytes", "FLUX_MAX_VALUE_BYTES", "Largest value accepted, in bytes.", _int(0)),
     Setting("max_batch_items", "FLUX_MAX_BATCH_ITEMS", "Most keys in one MultiGet, MultiSet or Scan page.", _int(1)),
@@ -255,6 +298,19 @@ SETTINGS: tuple[Setting, ...] = (
         "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/; empty turns CDC off.",
         _text,
     ),
+    Setting(
+        "rabbitmq_ca_file",
+        "FLUX_RABBITMQ_CA_FILE",
+        "PEM CA certificates an amqps:// broker's certificate is verified with; empty: the system's.",
+        _text,
+    ),
+    Setting(
+        "rabbitmq_cert_file",
+        "FLUX_RABBITMQ_CERT_FILE",
+        "PEM client certificate for an amqps:// broker that asks for one, with FLUX_RABBITMQ_KEY_FILE.",
+        _text,
+    ),
+    Setting("rabbitmq_key_file", "FLUX_RABBITMQ_KEY_FILE", "PEM private key of FLUX_RABBITMQ_CERT_FILE.", _text),
     Setting("cdc_exchange", "FLUX_CDC_EXCHANGE", "Exchange the events are published to (declared durable).", _host),
     Setting(
         "cdc_exchange_type",
@@ -347,6 +403,27 @@ SETTINGS: tuple[Setting, ...] = (
         "Comma-separated etcd endpoints (host:port) to register this node in; empty runs the node on its own.",
         _endpoints,
     ),
+    Setting(
+        "etcd_ca_file",
+        "FLUX_ETCD_CA_FILE",
+        "PEM CA certificates that etcd's certificate is verified with; setting it (or a client certificate) talks "
+        "TLS to etcd.",
+        _text,
+    ),
+    Setting(
+        "etcd_cert_file",
+        "FLUX_ETCD_CERT_FILE",
+        "PEM client certificate for an etcd that asks for one, with FLUX_ETCD_KEY_FILE.",
+        _text,
+    ),
+    Setting("etcd_key_file", "FLUX_ETCD_KEY_FILE", "PEM private key of FLUX_ETCD_CERT_FILE.", _text),
+    Setting(
+        "etcd_username",
+        "FLUX_ETCD_USERNAME",
+        "User to authenticate to etcd as (etcd's auth), with FLUX_ETCD_PASSWORD; empty: no etcd auth.",
+        _text,
+    ),
+    Setting("etcd_password", "FLUX_ETCD_PASSWORD", "Password of FLUX_ETCD_USERNAME.", lambda text: text),
     Setting(
         "etcd_prefix",
         "FLUX_ETCD_PREFIX",
@@ -485,6 +562,7 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Setting
     settings = Settings(**values)
     _check_consistent(settings)
     _check_cdc(settings)
+    _check_security(settings)
     if settings.pprof_enabled and settings.admin_port is None:
         raise ConfigError("FLUX_PPROF_ENABLED serves profiles on the admin port, but FLUX_ADMIN_PORT is off")
     return settings
@@ -530,6 +608,61 @@ def _check_cdc(s: Settings) -> None:
         )
     if s.rabbitmq_url and not s.rabbitmq_url.startswith(("amqp://", "amqps://")):
         raise ConfigError(f"FLUX_RABBITMQ_URL must start with amqp:// or amqps://, got {redact_url(s.rabbitmq_url)!r}")
+
+
+def _check_security(s: Settings) -> None:
+    """The files the TLS and token settings name exist, can be read and hold what they should, so that a
+    node with a bad one exits at start-up rather than at its first connection."""
+    _check_key_pair(s.tls_cert_file, s.tls_key_file, "FLUX_TLS_CERT_FILE", "FLUX_TLS_KEY_FILE")
+    _check_key_pair(s.etcd_cert_file, s.etcd_key_file, "FLUX_ETCD_CERT_FILE", "FLUX_ETCD_KEY_FILE")
+    _check_key_pair(s.rabbitmq_cert_file, s.rabbitmq_key_file, "FLUX_RABBITMQ_CERT_FILE", "FLUX_RABBITMQ_KEY_FILE")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        raise ConfigError(
+            "FLUX_TLS_CLIENT_CA_FILE asks clients for certificates over TLS, but FLUX_TLS_CERT_FILE is not set"
+        )
+    for path, name in (
+        (s.tls_client_ca_file, "FLUX_TLS_CLIENT_CA_FILE"),
+        (s.tls_ca_file, "FLUX_TLS_CA_FILE"),
+        (s.etcd_ca_file, "FLUX_ETCD_CA_FILE"),
+        (s.rabbitmq_ca_file, "FLUX_RABBITMQ_CA_FILE"),
+    ):
+        if path:
+            _check_ca(path, name)
+    if s.auth_tokens_file:
+        _check_readable(s.auth_tokens_file, "FLUX_AUTH_TOKENS_FILE")
+    if bool(s.etcd_username) != bool(s.etcd_password):
+        raise ConfigError("FLUX_ETCD_USERNAME and FLUX_ETCD_PASSWORD go together: set both or neither")
+
+
+def _check_readable(path: str, name: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"invalid {name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _check_key_pair(cert: str, key: str, cert_name: str, key_name: str) -> None:
+    if not cert and not key:
+        return
+    if not cert or not key:
+        raise ConfigError(f"{cert_name} and {key_name} go together: set both or neither")
+    _check_readable(cert, cert_name)
+    _check_readable(key, key_name)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(f"{key_name} ({key}) is not the key of the certificate in {cert_name} ({cert})") from None
+        raise ConfigError(f"invalid {cert_name} or {key_name}: not a PEM certificate and its key: {exc}") from None
+
+
+def _check_ca(path: str, name: str) -> None:
+    _check_readable(path, name)
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"invalid {name}: {path} holds no PEM CA certificate: {exc}") from None
 
 
 def redact_url(url: str) -> str:

@@ -33,6 +33,7 @@ import aio_pika
 import grpc
 import pygrpc_native
 import pytest
+import trustme
 from google.rpc import error_details_pb2, status_pb2
 
 from deploy.private_servers import EtcdServer, RabbitBroker
@@ -285,6 +286,54 @@ def rabbit_broker() -> Iterator[RabbitBroker]:
     one of its own."""
     with RabbitBroker() as broker:
         yield broker
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files made for this test session: a CA, a server certificate it signed
+    for localhost, 127.0.0.1 and ::1 (which the nodes also present as clients
+    under mutual TLS), a client certificate it signed, and a second CA with a
+    client certificate of its own, which the first CA does not vouch for."""
+
+    ca: str
+    cert: str
+    key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+    other_client_cert: str
+    other_client_key: str
+
+    def server_settings(self, mutual: bool = False) -> dict[str, str]:
+        """Settings overrides for a node that serves TLS (and asks clients for certificates)."""
+        tls = {"tls_cert_file": self.cert, "tls_key_file": self.key, "tls_ca_file": self.ca}
+        return {**tls, "tls_client_ca_file": self.ca} if mutual else tls
+
+    def server_environ(self, mutual: bool = False) -> dict[str, str]:
+        """The same, as a node process's environment."""
+        return {"FLUX_" + field.upper(): path for field, path in self.server_settings(mutual).items()}
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    root = tmp_path_factory.mktemp("tls")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    files: dict[str, str] = {}
+
+    def write(name: str, blob: trustme.Blob) -> None:
+        blob.write_to_path(root / f"{name}.pem")
+        files[name] = str(root / f"{name}.pem")
+
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    client = ca.issue_cert("client.fluxkv.test")
+    other_client = other_ca.issue_cert("client.other.test")
+    write("ca", ca.cert_pem)
+    write("other_ca", other_ca.cert_pem)
+    for name, leaf in (("", server), ("client_", client), ("other_client_", other_client)):
+        (root / f"{name}cert.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        files[f"{name}cert"] = str(root / f"{name}cert.pem")
+        write(f"{name}key", leaf.private_key_pem)
+    return Certificates(**files)
 
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from fluxkv import config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Certificates
 
 
 def test_defaults_run_standalone_on_loopback() -> None:
@@ -53,3 +55,44 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| `(FLUX_\w+)` \| `(--[\w-]+)` \| `([^`]*)` \| (.+?) \|$", readme, re.MULTILINE)
     assert rows == [(s.env, s.flag, s.shown_default, s.doc) for s in config.SETTINGS]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FLUX_TLS_CERT_FILE": "{cert}"}, "FLUX_TLS_CERT_FILE and FLUX_TLS_KEY_FILE go together"),
+        ({"FLUX_TLS_CERT_FILE": "{cert}", "FLUX_TLS_KEY_FILE": "{missing}"}, "invalid FLUX_TLS_KEY_FILE: cannot read"),
+        (
+            {"FLUX_TLS_CERT_FILE": "{cert}", "FLUX_TLS_KEY_FILE": "{client_key}"},
+            "FLUX_TLS_KEY_FILE ({client_key}) is not the key of the certificate in FLUX_TLS_CERT_FILE",
+        ),
+        (
+            {"FLUX_TLS_CERT_FILE": "{ca}", "FLUX_TLS_KEY_FILE": "{ca}"},
+            "invalid FLUX_TLS_CERT_FILE or FLUX_TLS_KEY_FILE",
+        ),
+        ({"FLUX_TLS_CLIENT_CA_FILE": "{ca}"}, "FLUX_TLS_CLIENT_CA_FILE asks clients for certificates over TLS"),
+        ({"FLUX_TLS_CA_FILE": "{key}"}, "invalid FLUX_TLS_CA_FILE: {key} holds no PEM CA certificate"),
+        ({"FLUX_ETCD_CA_FILE": "{missing}"}, "invalid FLUX_ETCD_CA_FILE: cannot read"),
+        ({"FLUX_ETCD_CERT_FILE": "{client_cert}"}, "FLUX_ETCD_CERT_FILE and FLUX_ETCD_KEY_FILE go together"),
+        ({"FLUX_RABBITMQ_KEY_FILE": "{client_key}"}, "FLUX_RABBITMQ_CERT_FILE and FLUX_RABBITMQ_KEY_FILE go together"),
+        ({"FLUX_RABBITMQ_CA_FILE": "{key}"}, "invalid FLUX_RABBITMQ_CA_FILE"),
+        ({"FLUX_AUTH_TOKENS_FILE": "{missing}"}, "invalid FLUX_AUTH_TOKENS_FILE: cannot read"),
+        ({"FLUX_ETCD_USERNAME": "root"}, "FLUX_ETCD_USERNAME and FLUX_ETCD_PASSWORD go together"),
+    ],
+)
+def test_a_bad_tls_or_token_file_names_its_setting(
+    env: dict[str, str], message: str, certificates: Certificates, tmp_path: Path
+) -> None:
+    paths = {**dataclasses.asdict(certificates), "missing": str(tmp_path / "missing.pem")}
+    with pytest.raises(config.ConfigError) as info:
+        config.load({}, {name: value.format(**paths) for name, value in env.items()})
+    assert message.format(**paths) in str(info.value)
+
+
+def test_tls_files_that_fit_are_accepted(certificates: Certificates) -> None:
+    s = config.load({}, {"FLUX_" + k.upper(): v for k, v in certificates.server_settings(mutual=True).items()})
+    assert (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) == (
+        certificates.cert,
+        certificates.key,
+        certificates.ca,
+    )

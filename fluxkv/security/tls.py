@@ -1,0 +1,78 @@
+"""TLS from PEM files: credentials for gRPC servers and channels, and ssl
+contexts for the admin port and the clients of etcd and RabbitMQ.
+
+config.py has already checked, at start-up, that each file named by a setting
+can be read and holds what it should."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fluxkv.config import Settings
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How a client speaks TLS: the CA certificates it verifies the server with
+    (empty: the system's) and, for a server that asks for one, its own
+    certificate and key."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file or None)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def serves_tls(settings: Settings) -> bool:
+    return bool(settings.tls_cert_file)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """The gRPC port's credentials: the node's certificate and, with a client CA, mutual TLS."""
+    client_ca = _read(settings.tls_client_ca_file)
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The admin port's context: the same certificate, and the same client CA as the gRPC port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_client_ca_file:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def peer_tls(settings: Settings) -> TLS:
+    """How a node reaches another node over TLS: it verifies the peer with FLUX_TLS_CA_FILE
+    and, when nodes ask for client certificates, presents its own."""
+    mutual = bool(settings.tls_client_ca_file)
+    return TLS(
+        ca_file=settings.tls_ca_file,
+        cert_file=settings.tls_cert_file if mutual else "",
+        key_file=settings.tls_key_file if mutual else "",
+    )
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
