@@ -28,8 +28,10 @@ if TYPE_CHECKING:
         WatchEvent,
     )
     from fluxkv.cluster.discovery import EtcdNodes
+    from fluxkv.security.tls import TLS
 
 __all__ = [
+    "TLS",
     "Client",
     "ConditionFailed",
     "DeadlineExceeded",

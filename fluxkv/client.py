@@ -67,6 +67,7 @@ from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 from fluxkv.rpc import status as rpc_status
 from fluxkv.rpc.spans import client_failed, client_span
+from fluxkv.security.tls import TLS
 from fluxkv.version import __version__
 
 T = TypeVar("T")
@@ -277,6 +278,8 @@ class Client:
     `max_batch_items` keys and (multi_set) `max_batch_bytes` of keys and values
     per request: the nodes' FLUX_MAX_BATCH_ITEMS and FLUX_MAX_BATCH_BYTES.
     `tracer_provider` makes the calls' spans (default: OpenTelemetry's global one).
+    `tls` connects over TLS (`TLS()`: verified with the system's CA certificates), and
+    `token` is sent with every call as `authorization: Bearer <token>` (docs/security.md).
     """
 
     def __init__(
@@ -289,6 +292,8 @@ class Client:
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         tracer_provider: trace.TracerProvider | None = None,
+        tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         if isinstance(nodes, str):
             nodes = [nodes]
@@ -299,6 +304,8 @@ class Client:
         self._max_items = int(_positive("max_batch_items", max_batch_items))
         self._max_bytes = int(_positive("max_batch_bytes", max_batch_bytes))
         self._tracer = trace.get_tracer("fluxkv.client", __version__, tracer_provider)
+        self._credentials = None if tls is None else tls.channel_credentials()
+        self._auth = [] if token is None else [("authorization", f"Bearer {token}")]
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # node -> (channel, KVStub)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()  # channels of departed nodes, finishing their calls
@@ -514,7 +521,8 @@ class Client:
     async def _invoke(self, node: str, method: str, request: Message, deadline: float) -> Any:
         """One call of `method` on `node`, due by `deadline` (loop time); gRPC failures become FluxKVErrors."""
         seconds = deadline - asyncio.get_running_loop().time()
-        with client_span(self._tracer, f"fluxkv.v1.KV/{method}", node) as (span, metadata):
+        with client_span(self._tracer, f"fluxkv.v1.KV/{method}", node) as (span, trace_metadata):
+            metadata = self._auth + trace_metadata if trace_metadata else self._auth
             try:
                 return await getattr(self._stub(node), method)(request, timeout=seconds, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
@@ -526,7 +534,10 @@ class Client:
         if entry is None:
             if node not in self._ring.nodes:  # it left: keep no channel to it
                 raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the node left the cluster", node)
-            channel = grpc.aio.insecure_channel(node, options=_CHANNEL_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(node, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(node, self._credentials, options=_CHANNEL_OPTIONS)
             entry = self._channels[node] = (channel, kv_pb2_grpc.KVStub(channel))  # type: ignore[no-untyped-call]
         return entry[1]
 
@@ -652,7 +663,9 @@ class Watch:
 
     async def _open_stream(self, node: str, deadline: float) -> Any:
         start = self._start if isinstance(self._start, int) else self._start.get(node, 0)
-        call = self._client._stub(node).Watch(pb.WatchRequest(prefix=self._prefix, start_revision=start))
+        call = self._client._stub(node).Watch(
+            pb.WatchRequest(prefix=self._prefix, start_revision=start), metadata=self._client._auth
+        )
         self._calls.append(call)
         try:
             await asyncio.wait_for(call.initial_metadata(), deadline - asyncio.get_running_loop().time())
@@ -706,6 +719,8 @@ class SyncClient:
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         tracer_provider: trace.TracerProvider | None = None,
+        tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         self._client = Client(
             nodes,
@@ -715,6 +730,8 @@ class SyncClient:
             max_batch_items=max_batch_items,
             max_batch_bytes=max_batch_bytes,
             tracer_provider=tracer_provider,
+            tls=tls,
+            token=token,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fluxkv-client", daemon=True)

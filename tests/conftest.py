@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -372,10 +373,11 @@ class Answer:
         return self.body.decode()
 
 
-async def http_get(port: int, target: str, raw: bytes | None = None) -> Answer:
-    """Send one request (GET target, or raw bytes) and read the answer until the server closes."""
+async def http_get(port: int, target: str, raw: bytes | None = None, tls: ssl.SSLContext | None = None) -> Answer:
+    """Send one request (GET target, or raw bytes; over TLS with `tls`) and read the answer until the server
+    closes."""
     async with asyncio.timeout(HTTP_TIMEOUT_S):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         writer.write(raw or f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await writer.drain()
         data = await reader.read()

@@ -23,6 +23,7 @@ from fluxkv.aof import check as aof_check
 from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
+from fluxkv.security.tls import TLS
 from fluxkv.version import __version__
 
 DEFAULT_ADDR = "localhost:50052"
@@ -47,6 +48,8 @@ Command = Callable[[Any, argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> None:
     parser, mset = _parser()
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     if args.command == "mset":
         if len(args.pairs) % 2:
             mset.error(f"expected KEY VALUE pairs, got an odd number of arguments ({len(args.pairs)})")
@@ -68,11 +71,19 @@ def _run(args: argparse.Namespace) -> int:
     # The node's answers may be larger than grpcio's default 4 MiB limit for the
     # client (FLUX_MAX_MESSAGE_BYTES is 16 MiB by default): the node bounds them.
     options = [("grpc.max_receive_message_length", -1)]
+    args.metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = TLS(args.tls_ca or "", args.tls_cert or "", args.tls_key or "").channel_credentials()
     try:
         status = SUCCESS
         for address in _nodes(args) if args.etcd else [args.addr]:
             args.addr = address  # for the error messages
-            with grpc.insecure_channel(address, options=options) as channel:
+            with (
+                grpc.insecure_channel(address, options=options)
+                if credentials is None
+                else grpc.secure_channel(address, credentials, options=options)
+            ) as channel:
                 kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]  # generated code has no annotations
                 status = max(status, args.run(kv, args))
         sys.stdout.flush()
@@ -141,7 +152,7 @@ def _failed(exc: grpc.RpcError, args: argparse.Namespace) -> int:
 
 
 def _get(kv: Any, args: argparse.Namespace) -> int:
-    answer = kv.Get(pb.GetRequest(key=args.key), timeout=args.timeout)
+    answer = kv.Get(pb.GetRequest(key=args.key), timeout=args.timeout, metadata=args.metadata)
     if not answer.found:
         print("(not found)", file=sys.stderr)
         return NEGATIVE
@@ -152,14 +163,14 @@ def _get(kv: Any, args: argparse.Namespace) -> int:
 def _set(kv: Any, args: argparse.Namespace) -> int:
     value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
     request = pb.SetRequest(key=args.key, value=value, ttl_ms=args.ttl_ms, expect_revision=args.expect_revision)
-    answer = kv.Set(request, timeout=args.timeout)
+    answer = kv.Set(request, timeout=args.timeout, metadata=args.metadata)
     _write(_written(answer.revision, answer.created))
     return SUCCESS
 
 
 def _delete(kv: Any, args: argparse.Namespace) -> int:
     request = pb.DeleteRequest(key=args.key, expect_revision=args.expect_revision)
-    answer = kv.Delete(request, timeout=args.timeout)
+    answer = kv.Delete(request, timeout=args.timeout, metadata=args.metadata)
     if not answer.deleted:
         _write("(not found)")
         return NEGATIVE
@@ -168,7 +179,7 @@ def _delete(kv: Any, args: argparse.Namespace) -> int:
 
 
 def _mget(kv: Any, args: argparse.Namespace) -> int:
-    answer = kv.MultiGet(pb.MultiGetRequest(keys=args.keys), timeout=args.timeout)
+    answer = kv.MultiGet(pb.MultiGetRequest(keys=args.keys), timeout=args.timeout, metadata=args.metadata)
     for key, result in zip(args.keys, answer.results, strict=True):
         _write(_line_key(key), "\t", _line_value(result.value) if result.found else "(not found)")
     return SUCCESS
@@ -177,7 +188,7 @@ def _mget(kv: Any, args: argparse.Namespace) -> int:
 def _mset(kv: Any, args: argparse.Namespace) -> int:
     keys, values = args.pairs[::2], args.pairs[1::2]
     items = [pb.SetRequest(key=k, value=os.fsencode(v)) for k, v in zip(keys, values, strict=True)]
-    answer = kv.MultiSet(pb.MultiSetRequest(items=items), timeout=args.timeout)
+    answer = kv.MultiSet(pb.MultiSetRequest(items=items), timeout=args.timeout, metadata=args.metadata)
     status = SUCCESS
     for key, result in zip(keys, answer.results, strict=True):
         if result.applied:
@@ -192,7 +203,7 @@ def _scan(kv: Any, args: argparse.Namespace) -> int:
     cursor = ""
     while True:
         request = pb.ScanRequest(prefix=args.prefix, cursor=cursor, limit=args.count, include_values=args.values)
-        page = kv.Scan(request, timeout=args.timeout)
+        page = kv.Scan(request, timeout=args.timeout, metadata=args.metadata)
         for item in page.items:
             if args.values:
                 _write(_line_key(item.key), "\t", _line_value(item.value))
@@ -204,7 +215,7 @@ def _scan(kv: Any, args: argparse.Namespace) -> int:
 
 
 def _info(kv: Any, args: argparse.Namespace) -> int:
-    answer = kv.Info(pb.InfoRequest(), timeout=args.timeout)
+    answer = kv.Info(pb.InfoRequest(), timeout=args.timeout, metadata=args.metadata)
     for name, value in _fields(answer):
         _write(f"{name}: {value}")
     return SUCCESS
@@ -212,7 +223,7 @@ def _info(kv: Any, args: argparse.Namespace) -> int:
 
 def _rewrite_aof(kv: Any, args: argparse.Namespace) -> int:
     # A rewrite takes as long as the data takes to write: no --timeout.
-    answer = kv.RewriteAof(pb.RewriteAofRequest())
+    answer = kv.RewriteAof(pb.RewriteAofRequest(), metadata=args.metadata)
     _write(f"rewrote the append-only file in {answer.seconds:.2f} s: {answer.size_before} -> {answer.size_after} bytes")
     return SUCCESS
 
@@ -310,6 +321,14 @@ def _key(text: str) -> str:
     return text
 
 
+def _readable(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The parser, and the mset subparser (for its usage errors)."""
     parser = argparse.ArgumentParser(
@@ -320,6 +339,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     parser.add_argument("--addr", default=DEFAULT_ADDR, metavar="HOST:PORT", help=f"the node (default {DEFAULT_ADDR})")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("FLUX_TOKEN") or None,
+        metavar="TOKEN",
+        help="send `authorization: Bearer TOKEN` with each call (default: $FLUX_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by --tls-ca and --tls-cert)")
+    parser.add_argument(
+        "--tls-ca",
+        type=_readable,
+        metavar="FILE",
+        help="PEM CA certificates to verify the node with (default: the system's)",
+    )
+    parser.add_argument("--tls-cert", type=_readable, metavar="FILE", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", type=_readable, metavar="FILE", help="PEM private key of --tls-cert")
     parser.add_argument(
         "--etcd",
         type=arguments.endpoints,

@@ -33,6 +33,7 @@ from fluxkv.obs.tracing import Tracing
 from fluxkv.rpc import call_context
 from fluxkv.rpc import status as rpc_status
 from fluxkv.rpc.spans import client_failed, client_span
+from fluxkv.security.tls import TLS
 
 DEFAULT_TIMEOUT_S = 10.0
 # The calls about one key, by service: each is served by the key's owner.
@@ -42,8 +43,17 @@ Handler = Callable[[Any], Any]
 
 
 class Router:
-    def __init__(self, address: str, vnodes: int, max_message_bytes: int, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        vnodes: int,
+        max_message_bytes: int,
+        tracing: Tracing | None = None,
+        tls: TLS | None = None,
+    ) -> None:
+        """`tls`: how to reach the other nodes when they serve TLS (None: plaintext)."""
         self.address = address
+        self._credentials = None if tls is None else tls.channel_credentials()
         self._tracing = tracing
         self._vnodes = vnodes
         self._ring: HashRing | None = None
@@ -100,7 +110,11 @@ class Router:
         caller's deadline; its answer, of the method's response type."""
         channel = self._channels.get(owner)
         if channel is None:
-            channel = self._channels[owner] = grpc.aio.insecure_channel(owner, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(owner, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(owner, self._credentials, options=self._options)
+            self._channels[owner] = channel
         name = f"{method.containing_service.full_name}/{method.name}"
         response = message_factory.GetMessageClass(method.output_type)
         call = channel.unary_unary(f"/{name}", request_serializer=_serialize, response_deserializer=response.FromString)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -67,8 +68,10 @@ class AdminServer:
     """Serves `pages` ({path: Page}) on host:port; start() binds, stop() closes.
     A path also answers with a trailing slash added or removed."""
 
-    def __init__(self, host: str, port: int, pages: Mapping[str, Page]) -> None:
+    def __init__(self, host: str, port: int, pages: Mapping[str, Page], tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: serve HTTPS with this context (None: plain HTTP)."""
         self.host = host
+        self._tls = tls
         self.requested_port = port
         self.port = 0
         self._pages = {"/": Page(self._index, "this list"), **pages}
@@ -78,13 +81,13 @@ class AdminServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self._tls is not None else 'http'}://{host}:{self.port}/"
 
     async def start(self) -> None:
         """Listen on host:port (OSError if it cannot) and log where."""
         try:
             self._server = await asyncio.start_server(
-                self._accept, self.host, self.requested_port, limit=MAX_LINE_BYTES
+                self._accept, self.host, self.requested_port, limit=MAX_LINE_BYTES, ssl=self._tls
             )
         except OSError as exc:
             raise OSError(f"cannot listen for the admin port on {self.host}:{self.requested_port}: {exc}") from None

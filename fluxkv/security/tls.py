@@ -54,12 +54,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The admin port's context: the same certificate, and the same client CA as the gRPC port."""
+    """The admin port's context: the gRPC port's certificate. It asks for no client certificate, even
+    under mutual TLS, so that probes reach /healthz and /readyz; tokens guard the other pages."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    if settings.tls_client_ca_file:
-        context.load_verify_locations(settings.tls_client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

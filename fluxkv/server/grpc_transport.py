@@ -73,8 +73,12 @@ class GrpcTransport:
         metrics: RequestMetrics,
         tracing: Tracing | None = None,
         server: str = "native",
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        if credentials is not None and server != "grpcio":
+            raise ValueError("only grpcio serves TLS: pygrpc-native has none")
         self.server = server
+        self._credentials = credentials
         self.version = VERSIONS[server]
         self._server = SERVERS[server](
             options=[
@@ -101,10 +105,14 @@ class GrpcTransport:
         )
 
     def bind(self, host: str, port: int) -> int:
-        """Listen on host:port; return the bound port. Raises OSError if it cannot."""
+        """Listen on host:port (over TLS with the transport's credentials); return the bound port.
+        Raises OSError if it cannot."""
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound: int = self._server.add_insecure_port(target)
+            if self._credentials is None:
+                bound: int = self._server.add_insecure_port(target)
+            else:
+                bound = self._server.add_secure_port(target, self._credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {target}: {exc}") from None
         if bound == 0:

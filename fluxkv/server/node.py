@@ -35,6 +35,7 @@ from fluxkv.obs.admin import AdminServer, Page, Request, Response, text
 from fluxkv.obs.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, counter, gauge
 from fluxkv.obs.profiling import Profiler
 from fluxkv.obs.tracing import Tracing, from_settings
+from fluxkv.security import tls
 from fluxkv.server import workers
 from fluxkv.server.grpc_transport import GrpcTransport, Handler, loop_factory
 from fluxkv.server.handlers import CompatHandlers, KVHandlers, WritePath
@@ -105,7 +106,8 @@ class Node:
         self._cluster_tasks: list[asyncio.Task[None]] = []
         self.router: Router | None = None
         if settings.etcd_endpoints:
-            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing)
+            peers = tls.peer_tls(settings) if tls.serves_tls(settings) else None
+            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing, peers)
         # Readiness: serving, and not yet stopping (and, with etcd, registered).
         self._serving = False
         self._stopping = False
@@ -120,7 +122,8 @@ class Node:
             }
             if self.profiler is not None:
                 pages |= self.profiler.pages()
-            self.admin = AdminServer(settings.host, settings.admin_port, pages)
+            context = tls.server_ssl_context(settings) if tls.serves_tls(settings) else None
+            self.admin = AdminServer(settings.host, settings.admin_port, pages, context)
         writes = WritePath(gate, self.aof)
         kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
         compat = CompatHandlers(self.store, settings, writes)
@@ -145,7 +148,8 @@ class Node:
             settings.max_message_bytes,
             requests,
             tracing,
-            settings.grpc_server,
+            grpc_server_of(settings),
+            tls.server_credentials(settings) if tls.serves_tls(settings) else None,
         )
 
     @property
@@ -192,11 +196,12 @@ class Node:
         self._started = time.monotonic()
         self._started_at = time.time()
         log.info(
-            "fluxkv %s node %s serving on %s (gRPC on %s, %s, %s, %s)",
+            "fluxkv %s node %s serving on %s (gRPC on %s %s, %s, %s, %s)",
             self.version,
             self.node_id,
             self.address,
             self._transport.version,
+            describe_tls(s),
             etcd,
             cdc,
             persistence,
@@ -428,7 +433,8 @@ class Node:
         grpc = (
             "grpc",
             self._transport.server,
-            f"{self._transport.version} serves {self.address} (FLUX_GRPC_SERVER={self.settings.grpc_server}, "
+            f"{self._transport.version} serves {self.address} {describe_tls(self.settings)} "
+            f"(FLUX_GRPC_SERVER={self.settings.grpc_server}, "
             f"FLUX_EVENT_LOOP={self.settings.event_loop}) on "
             f"{'uvloop' if isinstance(asyncio.get_running_loop(), uvloop.Loop) else 'asyncio'}'s event loop",
         )
@@ -540,6 +546,12 @@ async def serve(settings: config.Settings) -> int:
     """Run a node until SIGTERM or SIGINT; return the exit status."""
     node = Node(settings, from_settings(settings, os.environ))
     log.info("fluxkv %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting", "pid": os.getpid()})
+    if settings.grpc_server != grpc_server_of(settings):
+        log.warning(
+            "FLUX_GRPC_SERVER=%s, but pygrpc-native has no TLS: serving TLS on grpcio",
+            settings.grpc_server,
+            extra={"event": "tls_on_grpcio"},
+        )
     # Handle signals before the node says it serves: a supervisor may send one
     # as soon as it reads that line.
     stop = asyncio.Event()
@@ -573,6 +585,23 @@ async def serve(settings: config.Settings) -> int:
     stopped.cancel()
     await node.stop()
     return status
+
+
+def grpc_server_of(settings: config.Settings) -> str:
+    """The gRPC server a node runs on: FLUX_GRPC_SERVER's, except that TLS needs grpcio (pygrpc-native has no
+    TLS yet)."""
+    return "grpcio" if tls.serves_tls(settings) else settings.grpc_server
+
+
+def describe_tls(settings: config.Settings) -> str:
+    if not tls.serves_tls(settings):
+        return "in plaintext"
+    described = "over TLS"
+    if settings.tls_client_ca_file:
+        described += " with client certificates signed by FLUX_TLS_CLIENT_CA_FILE"
+    if settings.grpc_server == "native":
+        described += " on grpcio, as pygrpc-native has no TLS"
+    return described
 
 
 def advertised_address(settings: config.Settings, port: int) -> str:
@@ -612,5 +641,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("ignoring %s: no such setting", name)
     if settings.workers > 1:
         sys.exit(asyncio.run(workers.supervise(settings)))
-    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop, settings.grpc_server)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop, grpc_server_of(settings))) as runner:
         sys.exit(runner.run(serve(settings)))
