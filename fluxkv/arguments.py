@@ -41,3 +41,12 @@ def endpoints(text: str) -> list[str]:
     if not found or not all(e.rpartition(":")[2].isdigit() for e in found):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
     return found
+
+
+def readable(path: str) -> str:
+    """The path of a file that can be read."""
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -118,16 +119,25 @@ class Method:
 
     __slots__ = ("_head", "block", "pack", "parse")
 
-    def __init__(self, authority: str, path: str, response: type[Message], timeout_s: float) -> None:
+    def __init__(
+        self,
+        authority: str,
+        path: str,
+        response: type[Message],
+        timeout_s: float,
+        scheme: str = "http",
+        metadata: Iterable[tuple[str, str]] = (),
+    ) -> None:
         headers = [
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", scheme),
             (":path", path),
             (":authority", authority),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
             ("grpc-timeout", grpc_timeout(timeout_s)),
             ("user-agent", f"fluxkv-bench/{__version__}"),
+            *metadata,
         ]
         # Never indexed: the encoder adds nothing to its dynamic table, so the block means the same on every stream.
         self.block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers], huffman=False)
@@ -561,14 +571,28 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+TLS_SHUTDOWN_TIMEOUT_S = 0.25
+
+
 class Channel:
     """Unary gRPC calls to one server over one HTTP/2 connection, opened on the
     first call and again after it is lost or the server sends GOAWAY. While no
     connection can be had, calls fail UNAVAILABLE at once, for
     RECONNECT_BACKOFF_S after each failed attempt."""
 
-    def __init__(self, address: str, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        connect_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+        metadata: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """`tls`: connect over TLS with this context (its ALPN set to h2 here); `metadata`: sent with every call."""
         self.address = address
+        self._tls = tls
+        if tls is not None:
+            tls.set_alpn_protocols(["h2"])
+        self._metadata = tuple(metadata)
         host, _, port = address.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
         self._connect_timeout_s = connect_timeout_s
@@ -583,7 +607,8 @@ class Channel:
 
     def method(self, path: str, response: type[Message], timeout_s: float) -> Call:
         """call(body): a Future of None when the call succeeds, else its Failure."""
-        method = Method(self.address, path, response, timeout_s)
+        scheme = "http" if self._tls is None else "https"
+        method = Method(self.address, path, response, timeout_s, scheme, self._metadata)
         loop = self.loop
 
         def call(body: bytes) -> asyncio.Future[Failure | None]:
@@ -621,7 +646,15 @@ class Channel:
         conn = _Connection(self)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                await self.loop.create_connection(lambda: conn, self._host, self._port)
+                await self.loop.create_connection(
+                    lambda: conn,
+                    self._host,
+                    self._port,
+                    ssl=self._tls,
+                    server_hostname=self._host if self._tls is not None else None,
+                    # A gRPC server need not answer TLS's close_notify: wait this long, not asyncio's 30 s.
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S if self._tls is not None else None,
+                )
                 await conn.ready
         except (OSError, TimeoutError) as exc:
             conn.close()

@@ -31,6 +31,7 @@ from fluxkv.bench.h2_engine import Failure
 from fluxkv.bench.histogram import Histogram
 from fluxkv.cluster.hash_ring import HashRing
 from fluxkv.proto import etcd_api_pb2, kv_pb2
+from fluxkv.security.tls import TLS
 
 CONNECT_TIMEOUT_S = 3.0
 PRELOAD_IN_FLIGHT = 16
@@ -123,6 +124,8 @@ class Plan:
     rate: float | None  # requests per second (open loop); None: closed loop
     warmup: int
     timeout_s: float
+    tls: TLS | None = None  # None: plaintext
+    token: str = ""  # sent as `authorization: Bearer <token>` when set
 
     def share(self, index: int, processes: int) -> Plan:
         """This plan's part for client process `index` of `processes`: in-flight
@@ -198,9 +201,15 @@ class Connections(Protocol):
 class LeanConnections:
     """`conns` fluxkv.bench.h2_engine channels to each node."""
 
-    def __init__(self, nodes: Sequence[str], conns: int) -> None:
+    def __init__(self, nodes: Sequence[str], conns: int, tls: TLS | None, metadata: Sequence[tuple[str, str]]) -> None:
         self.nodes = list(nodes)
-        self._channels = [[bench_h2.Channel(n, CONNECT_TIMEOUT_S) for _ in range(conns)] for n in nodes]
+        self._channels = [
+            [
+                bench_h2.Channel(n, CONNECT_TIMEOUT_S, None if tls is None else tls.ssl_context(), metadata)
+                for _ in range(conns)
+            ]
+            for n in nodes
+        ]
 
     def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
         return [[ch.method(rpc.path, rpc.response, timeout_s) for ch in row] for row in self._channels]
@@ -212,15 +221,26 @@ class LeanConnections:
 class GrpcioConnections:
     """`conns` grpc.aio channels to each node, whose raw multicallables send bytes and do not parse the answer."""
 
-    def __init__(self, nodes: Sequence[str], conns: int) -> None:
+    def __init__(self, nodes: Sequence[str], conns: int, tls: TLS | None, metadata: Sequence[tuple[str, str]]) -> None:
         self.nodes = list(nodes)
-        self._channels = [[grpc.aio.insecure_channel(n, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes]
+        self._metadata = tuple(metadata) or None
+        if tls is None:
+            self._channels = [
+                [grpc.aio.insecure_channel(n, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes
+            ]
+        else:
+            credentials = tls.channel_credentials()
+            self._channels = [
+                [grpc.aio.secure_channel(n, credentials, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes
+            ]
 
     def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
+        metadata = self._metadata
+
         def checked(multicallable: Any) -> Call:
             async def call(body: bytes) -> Failure | None:
                 try:
-                    await multicallable(body, timeout=timeout_s)
+                    await multicallable(body, timeout=timeout_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     return Failure(str(exc.code().name), exc.details() or "")
                 return None
@@ -236,7 +256,8 @@ class GrpcioConnections:
 def connections(plan: Plan, conns: int) -> Connections:
     """`conns` channels to each of the plan's nodes, by its engine."""
     kind = GrpcioConnections if plan.engine == "grpcio" else LeanConnections
-    return kind(plan.nodes, conns)
+    metadata = [("authorization", f"Bearer {plan.token}")] if plan.token else []
+    return kind(plan.nodes, conns, plan.tls, metadata)
 
 
 async def probe(conns: Connections, rpc: Rpc, body: bytes) -> None:

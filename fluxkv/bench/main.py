@@ -50,6 +50,7 @@ from fluxkv.bench.load import (
 from fluxkv.bench.report import Progress, Result, machine, summary, to_json
 from fluxkv.bench.server_probe import ProfileError, Profiler, cpu_seconds, find_py_spy
 from fluxkv.config import Settings
+from fluxkv.security import tls
 from fluxkv.version import __version__
 
 DEFAULT_ADDR = "localhost:50052"
@@ -108,7 +109,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         server_cpu_s=watch.server_cpu_s,
         interrupted=interrupted,
     )
-    record = to_json(result, dict(vars(args)), nodes, machine())
+    # The flags as given, but never the token: only whether one was sent.
+    flags = {name: value for name, value in vars(args).items() if name != "client_tls"}
+    flags["token"] = bool(args.token)
+    record = to_json(result, flags, nodes, machine())
     print(summary(record), flush=True)
     for path in watch.profiles:
         print(f"  profile: {path}")
@@ -362,6 +366,8 @@ def _plan(args: argparse.Namespace, nodes: list[str]) -> Plan:
         rate=args.rate,
         warmup=args.warmup,
         timeout_s=args.timeout,
+        tls=args.client_tls,
+        token=args.token or "",
     )
 
 
@@ -510,6 +516,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"the ring's points per node, as the nodes' FLUX_RING_VNODES (default {Settings.ring_vnodes})",
     )
+    tls.add_client_arguments(where)
     where.add_argument(
         "--target",
         choices=("fluxkv", "etcd"),
@@ -567,4 +574,5 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("--profile needs --server-pid: the server process to profile")
         if find_py_spy() is None:
             parser.error("--profile needs py-spy, which is not installed: pip install 'fluxkv[profile]'")
+    args.client_tls = tls.client_tls(args, parser)
     return args

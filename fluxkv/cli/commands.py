@@ -23,7 +23,7 @@ from fluxkv.aof import check as aof_check
 from fluxkv.config import Settings
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
-from fluxkv.security.tls import TLS
+from fluxkv.security import tls
 from fluxkv.version import __version__
 
 DEFAULT_ADDR = "localhost:50052"
@@ -48,8 +48,7 @@ Command = Callable[[Any, argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> None:
     parser, mset = _parser()
     args = parser.parse_args(argv)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
+    client_tls = tls.client_tls(args, parser)
     if args.command == "mset":
         if len(args.pairs) % 2:
             mset.error(f"expected KEY VALUE pairs, got an odd number of arguments ({len(args.pairs)})")
@@ -58,10 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _key(key)
             except argparse.ArgumentTypeError as exc:
                 mset.error(str(exc))
-    sys.exit(_run(args))
+    sys.exit(_run(args, client_tls))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, client_tls: tls.TLS | None) -> int:
     if args.offline:
         try:
             return int(args.run(None, args))
@@ -72,9 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     # client (FLUX_MAX_MESSAGE_BYTES is 16 MiB by default): the node bounds them.
     options = [("grpc.max_receive_message_length", -1)]
     args.metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
-    credentials = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        credentials = TLS(args.tls_ca or "", args.tls_cert or "", args.tls_key or "").channel_credentials()
+    credentials = None if client_tls is None else client_tls.channel_credentials()
     try:
         status = SUCCESS
         for address in _nodes(args) if args.etcd else [args.addr]:
@@ -321,14 +318,6 @@ def _key(text: str) -> str:
     return text
 
 
-def _readable(path: str) -> str:
-    try:
-        with open(path, "rb"):
-            return path
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The parser, and the mset subparser (for its usage errors)."""
     parser = argparse.ArgumentParser(
@@ -339,21 +328,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     parser.add_argument("--addr", default=DEFAULT_ADDR, metavar="HOST:PORT", help=f"the node (default {DEFAULT_ADDR})")
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("FLUX_TOKEN") or None,
-        metavar="TOKEN",
-        help="send `authorization: Bearer TOKEN` with each call (default: $FLUX_TOKEN)",
-    )
-    parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by --tls-ca and --tls-cert)")
-    parser.add_argument(
-        "--tls-ca",
-        type=_readable,
-        metavar="FILE",
-        help="PEM CA certificates to verify the node with (default: the system's)",
-    )
-    parser.add_argument("--tls-cert", type=_readable, metavar="FILE", help="PEM client certificate, for mutual TLS")
-    parser.add_argument("--tls-key", type=_readable, metavar="FILE", help="PEM private key of --tls-cert")
+    tls.add_client_arguments(parser)
     parser.add_argument(
         "--etcd",
         type=arguments.endpoints,

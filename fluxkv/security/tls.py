@@ -6,12 +6,15 @@ can be read and holds what it should."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from fluxkv import arguments
 from fluxkv.config import Settings
 
 
@@ -37,6 +40,34 @@ class TLS:
         if self.cert_file:
             context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+
+def add_client_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """A client program's flags for a node's TLS and tokens: --tls, --tls-ca, --tls-cert, --tls-key, --token."""
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("FLUX_TOKEN") or None,
+        metavar="TOKEN",
+        help="send `authorization: Bearer TOKEN` with each call (default: $FLUX_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by --tls-ca and --tls-cert)")
+    parser.add_argument(
+        "--tls-ca",
+        type=arguments.readable,
+        metavar="FILE",
+        help="PEM CA certificates to verify the node with (default: the system's)",
+    )
+    parser.add_argument("--tls-cert", type=arguments.readable, metavar="FILE", help="PEM client certificate")
+    parser.add_argument("--tls-key", type=arguments.readable, metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def client_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TLS | None:
+    """The TLS that add_client_arguments' flags ask for (None: plaintext); a usage error if they do not fit."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return TLS(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
 
 
 def serves_tls(settings: Settings) -> bool:

@@ -7,12 +7,14 @@ with both settings and checks that the node says where it serves."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -188,3 +190,24 @@ async def test_nodes_forward_to_each_other_over_mutual_tls(certificates: Certifi
             own = ((FORWARDED_BY, "test"),)  # makes b answer from its own store
             for key in on_b:
                 assert (await kv_b.Get(kv_pb2.GetRequest(key=key), metadata=own)).value == key.encode()
+
+
+@pytest.mark.parametrize("engine", ["lean", "grpcio"])
+def test_fluxkv_bench_loads_a_mutual_tls_node_on_either_engine(
+    certificates: Certificates, engine: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "result.json"
+    tls = ["--tls-ca", certificates.ca, "--tls-cert", certificates.client_cert, "--tls-key", certificates.client_key]
+    load = ["--engine", engine, "-n", "500", "-c", "10", "--warmup", "0", "--json", str(out)]
+    with server_process(env=certificates.server_environ(mutual=True)) as server:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "cmd" / "fluxkv-bench"), "--addr", server.address, *load, *tls],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert (record["successes"], record["failures"]) == (500, {})
+    assert record["settings"]["tls_ca"] == certificates.ca
