@@ -8,11 +8,14 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 
-# The etcd tests start etcd servers of their own (deploy/private_servers.py): Debian's etcd-server, and the
-# benchmark suite's test drives a node with h2load (Debian's nghttp2-client); each installed if missing.
+# The etcd tests start etcd servers of their own (deploy/private_servers.py): Debian's etcd-server; the
+# benchmark suite's test drives a node with h2load (Debian's nghttp2-client); tests/interop runs a client on
+# Node.js's gRPC stack (Debian's nodejs and npm). Each installed if missing.
 packages=()
 command -v etcd >/dev/null || packages+=(etcd-server)
 command -v h2load >/dev/null || packages+=(nghttp2-client)
+command -v node >/dev/null || packages+=(nodejs)
+command -v npm >/dev/null || packages+=(npm)
 if [ ${#packages[@]} -gt 0 ]; then
     as_root=()
     [ "$(id -u)" -eq 0 ] || as_root=(sudo)
@@ -23,6 +26,9 @@ if [ ${#packages[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+
+# The Node.js client's packages (@grpc/grpc-js, @grpc/proto-loader), as tests/interop/package-lock.json pins them.
+npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
