@@ -295,7 +295,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "rabbitmq_url",
         "FLUX_RABBITMQ_URL",
-        "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/; empty turns CDC off.",
+        "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/ (amqps:// for TLS); empty turns CDC off.",
         _text,
     ),
     Setting(
