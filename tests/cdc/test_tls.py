@@ -159,7 +159,7 @@ async def test_fluxkv_cdc_says_why_a_broker_of_another_ca_is_refused(
     with fluxkv_cdc(fresh_names(), "--tls-ca", certificates.other_ca, url=rabbit_tls_broker.tls_url) as consumer:
         await consumer.wait_for_log(f"cannot connect to {rabbit_tls_broker.tls_url.replace(':guest@', ':***@')} (")
         assert await consumer.exit_status(signal.SIGTERM) == 0
-    assert "TLS: the broker's certificate did not verify (self-signed certificate in certificate chain)" in consumer.log
+    assert "TLS: the broker's certificate did not verify (" in consumer.log  # then OpenSSL's words
 
 
 @pytest.mark.parametrize(
