@@ -104,6 +104,7 @@ async def test_a_broker_that_requires_a_client_certificate_gets_the_configured_o
 FAILURES = {
     "wrong CA": "TLS: the broker's certificate did not verify",
     "wrong CA, no_verify_ssl=1 in the URL": "TLS: the broker's certificate did not verify",
+    "no CA file: the system's CAs": "TLS: the broker's certificate did not verify",
     "not TLS": "TLS: the broker did not answer in TLS: is this port its amqps:// (TLS) listener?",
     # The same reason for both, whether the broker's alert or its reset comes first (amqp.ClientRefusedError).
     "no client certificate": CLIENT_REFUSED,
@@ -127,6 +128,7 @@ async def test_a_tls_failure_is_reported_with_its_reason_while_writes_are_served
             rabbit_tls_broker.tls_url + "?no_verify_ssl=1",
             {"rabbitmq_ca_file": certificates.other_ca},
         ),
+        "no CA file: the system's CAs": (rabbit_tls_broker.tls_url, {}),
         "not TLS": (rabbit_tls_broker.url.replace("amqp://", "amqps://"), {"rabbitmq_ca_file": certificates.ca}),
         "no client certificate": (rabbit_mtls_broker.tls_url, {"rabbitmq_ca_file": certificates.ca}),
         "a client certificate of another CA": (
