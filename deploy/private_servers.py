@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -229,6 +230,18 @@ class EtcdServer(PrivateServer):
             time.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class BrokerTLS:
+    """A TLS listener's PEM files: the broker's certificate (a chain allowed) and key, and the CA certificates it
+    verifies clients with. With `require_client_cert`, a client must present a certificate that CA signed (RabbitMQ's
+    verify_peer with fail_if_no_peer_cert); else it is not asked for one."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    require_client_cert: bool = False
+
+
 class RabbitBroker(PrivateServer):
     """A private RabbitMQ node on 127.0.0.1, started by start() and gone after close().
 
@@ -236,7 +249,8 @@ class RabbitBroker(PrivateServer):
     port mapper, started with the node and ended by close()), so it neither needs nor leaves an epmd daemon. The
     user `user` (default guest, which may log in over loopback only) is created at the first start, an
     administrator with every permission on the vhost /. With `management`, the management plugin serves its HTTP
-    API and UI on 127.0.0.1:management_port; else the node enables no plugin.
+    API and UI on 127.0.0.1:management_port; else the node enables no plugin. With `tls`, it also serves AMQP over
+    TLS on 127.0.0.1:tls_port (tls_url), with copies of those files in its own directory.
 
     The node name, data directory and ports stay the same across stop()/kill() and start(), so durable queues and
     persistent messages survive a restart. The methods block; async tests can run the slow ones (start, restart)
@@ -250,6 +264,7 @@ class RabbitBroker(PrivateServer):
         user: str = "guest",
         password: str = "guest",
         management: bool = False,
+        tls: BrokerTLS | None = None,
         prefix: str = "fluxkvtest",
         parent: Path | None = None,
     ) -> None:
@@ -260,6 +275,11 @@ class RabbitBroker(PrivateServer):
         self._password = password
         self._port = free_port()
         self.management_port: int | None = free_port() if management else None
+        self._tls = tls
+        self.tls_port: int | None = None  # AMQP over TLS, with `tls`
+        if tls is not None:
+            while self.tls_port in (None, self._port, self.management_port):
+                self.tls_port = free_port()
         self._epmd_port = free_port()
         self._epmd: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
@@ -274,8 +294,18 @@ class RabbitBroker(PrivateServer):
     @property
     def url(self) -> str:
         """Where `user` logs in."""
+        return self._url("amqp", self._port)
+
+    @property
+    def tls_url(self) -> str:
+        """Where `user` logs in over TLS (amqps://), with `tls`."""
+        if self.tls_port is None:
+            raise RabbitBrokerError(f"{self.node} has no TLS listener: start it with tls=BrokerTLS(...)")
+        return self._url("amqps", self.tls_port)
+
+    def _url(self, scheme: str, port: int) -> str:
         user, password = (urllib.parse.quote(s, safe="") for s in (self.user, self._password))
-        return f"amqp://{user}:{password}@{HOST}:{self._port}/"
+        return f"{scheme}://{user}:{password}@{HOST}:{port}/"
 
     @property
     def pid(self) -> int | None:
@@ -303,6 +333,8 @@ class RabbitBroker(PrivateServer):
             f"default_pass = {self._password}",
             "default_user_tags.administrator = true",
         ]
+        if self._tls is not None:
+            conf += self._tls_configuration(self._tls)
         plugins = []
         if self.management_port is not None:
             conf += [f"management.tcp.ip = {HOST}", f"management.tcp.port = {self.management_port}"]
@@ -331,6 +363,22 @@ class RabbitBroker(PrivateServer):
         )
         return env
 
+    def _tls_configuration(self, tls: BrokerTLS) -> list[str]:
+        """rabbitmq.conf's lines for the TLS listener, on copies of its files that the node owns."""
+        tls_dir = self.base_dir / "tls"
+        tls_dir.mkdir(mode=0o700)
+        files = {}
+        for name, source in (("cacertfile", tls.ca_file), ("certfile", tls.cert_file), ("keyfile", tls.key_file)):
+            files[name] = tls_dir / f"{name}.pem"
+            shutil.copyfile(source, files[name])
+            files[name].chmod(0o600)
+        return [
+            f"listeners.ssl.default = {HOST}:{self.tls_port}",
+            *(f"ssl_options.{name} = {path}" for name, path in files.items()),
+            f"ssl_options.verify = {'verify_peer' if tls.require_client_cert else 'verify_none'}",
+            f"ssl_options.fail_if_no_peer_cert = {'true' if tls.require_client_cert else 'false'}",
+        ]
+
     def start(self) -> None:
         """Boot the node; returns once it has fully started and its ports accept connections."""
         if self._proc is not None:
@@ -338,12 +386,15 @@ class RabbitBroker(PrivateServer):
         deadline = time.monotonic() + self.start_timeout
         if self._epmd is None:
             self._start_epmd(deadline)
-        with socket.socket() as amqp:  # held while the inter-node port is chosen, so that the two differ
-            amqp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker's: TIME_WAIT does not count
-            try:
-                amqp.bind((HOST, self._port))
-            except OSError:
-                raise RabbitBrokerError(f"{self.node}: its AMQP port {self._port} is taken") from None
+        listeners = [("AMQP", self._port)] + ([("AMQP over TLS", self.tls_port)] if self.tls_port is not None else [])
+        with contextlib.ExitStack() as held:  # held while the inter-node port is chosen, so that they all differ
+            for kind, port in listeners:
+                sock = held.enter_context(socket.socket())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker's: TIME_WAIT does not count
+                try:
+                    sock.bind((HOST, port))
+                except OSError:
+                    raise RabbitBrokerError(f"{self.node}: its {kind} port {port} is taken") from None
             # The inter-node port need not stay the same, so a fresh one spares restart() a port clash.
             dist_port = free_port()
         self._pid_file.unlink(missing_ok=True)

@@ -295,7 +295,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "rabbitmq_url",
         "FLUX_RABBITMQ_URL",
-        "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/; empty turns CDC off.",
+        "AMQP URL of the broker that receives change events, e.g. amqp://guest:guest@127.0.0.1:5672/ (amqps:// for TLS); empty turns CDC off.",
         _text,
     ),
     Setting(
@@ -615,7 +615,6 @@ def _check_security(s: Settings) -> None:
     node with a bad one exits at start-up rather than at its first connection."""
     _check_key_pair(s.tls_cert_file, s.tls_key_file, "FLUX_TLS_CERT_FILE", "FLUX_TLS_KEY_FILE")
     _check_key_pair(s.etcd_cert_file, s.etcd_key_file, "FLUX_ETCD_CERT_FILE", "FLUX_ETCD_KEY_FILE")
-    _check_key_pair(s.rabbitmq_cert_file, s.rabbitmq_key_file, "FLUX_RABBITMQ_CERT_FILE", "FLUX_RABBITMQ_KEY_FILE")
     if s.tls_client_ca_file and not s.tls_cert_file:
         raise ConfigError(
             "FLUX_TLS_CLIENT_CA_FILE asks clients for certificates over TLS, but FLUX_TLS_CERT_FILE is not set"
@@ -624,14 +623,35 @@ def _check_security(s: Settings) -> None:
         (s.tls_client_ca_file, "FLUX_TLS_CLIENT_CA_FILE"),
         (s.tls_ca_file, "FLUX_TLS_CA_FILE"),
         (s.etcd_ca_file, "FLUX_ETCD_CA_FILE"),
-        (s.rabbitmq_ca_file, "FLUX_RABBITMQ_CA_FILE"),
     ):
         if path:
             _check_ca(path, name)
+    check_rabbitmq_tls(s.rabbitmq_url, s.rabbitmq_ca_file, s.rabbitmq_cert_file, s.rabbitmq_key_file)
     if s.auth_tokens_file:
         _check_readable(s.auth_tokens_file, "FLUX_AUTH_TOKENS_FILE")
     if bool(s.etcd_username) != bool(s.etcd_password):
         raise ConfigError("FLUX_ETCD_USERNAME and FLUX_ETCD_PASSWORD go together: set both or neither")
+
+
+RABBITMQ_TLS_SETTINGS = ("FLUX_RABBITMQ_CA_FILE", "FLUX_RABBITMQ_CERT_FILE", "FLUX_RABBITMQ_KEY_FILE")
+
+
+def check_rabbitmq_tls(
+    url: str, ca_file: str, cert_file: str, key_file: str, names: tuple[str, str, str] = RABBITMQ_TLS_SETTINGS
+) -> None:
+    """The broker's TLS files (named `names` in messages) hold what they should, and are given only with an
+    amqps:// URL: with amqp:// they would go unused and the changes travel in plaintext, so that is refused."""
+    ca_name, cert_name, key_name = names
+    if url.startswith("amqp://"):
+        for path, name in ((ca_file, ca_name), (cert_file, cert_name), (key_file, key_name)):
+            if path:
+                raise ConfigError(
+                    f"{name} is for a TLS broker, but the URL {redact_url(url)} is plaintext: use amqps:// "
+                    f"(the broker's TLS port) or unset {name}"
+                )
+    _check_key_pair(cert_file, key_file, cert_name, key_name)
+    if ca_file:
+        _check_ca(ca_file, ca_name)
 
 
 def _check_readable(path: str, name: str) -> None:

@@ -37,7 +37,7 @@ import pytest
 import trustme
 from google.rpc import error_details_pb2, status_pb2
 
-from deploy.private_servers import EtcdServer, RabbitBroker
+from deploy.private_servers import BrokerTLS, EtcdServer, RabbitBroker
 from fluxkv import config
 from fluxkv.obs.tracing import Tracing
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
@@ -50,7 +50,7 @@ START_TIMEOUT_S = 30
 
 
 # The fixtures that need a broker (the shared one, or one of the test's own) or etcd.
-BROKER_FIXTURES = {"names", "rabbit_broker"}
+BROKER_FIXTURES = {"names", "rabbit_broker", "rabbit_tls_broker", "rabbit_mtls_broker"}
 ETCD_FIXTURES = {"etcd_server"}
 
 
@@ -286,6 +286,22 @@ def rabbit_broker() -> Iterator[RabbitBroker]:
     (BROKER) is shared by other tests, so a test that stops, kills or restarts a broker gets
     one of its own."""
     with RabbitBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def rabbit_tls_broker(certificates: Certificates) -> Iterator[RabbitBroker]:
+    """A private RabbitMQ node that also serves AMQP over TLS (tls_url) with the session's server
+    certificate, asking clients for none; shared by the tests of a module, so none may stop it."""
+    with RabbitBroker(tls=BrokerTLS(certificates.ca, certificates.cert, certificates.key)) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def rabbit_mtls_broker(certificates: Certificates) -> Iterator[RabbitBroker]:
+    """The same, but its TLS listener requires a client certificate that the session's CA signed."""
+    tls = BrokerTLS(certificates.ca, certificates.cert, certificates.key, require_client_cert=True)
+    with RabbitBroker(tls=tls) as broker:
         yield broker
 
 

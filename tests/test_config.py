@@ -76,6 +76,18 @@ def test_readme_configuration_table_lists_every_setting() -> None:
         ({"FLUX_ETCD_CERT_FILE": "{client_cert}"}, "FLUX_ETCD_CERT_FILE and FLUX_ETCD_KEY_FILE go together"),
         ({"FLUX_RABBITMQ_KEY_FILE": "{client_key}"}, "FLUX_RABBITMQ_CERT_FILE and FLUX_RABBITMQ_KEY_FILE go together"),
         ({"FLUX_RABBITMQ_CA_FILE": "{key}"}, "invalid FLUX_RABBITMQ_CA_FILE"),
+        (
+            {"FLUX_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/", "FLUX_RABBITMQ_CA_FILE": "{ca}"},
+            "FLUX_RABBITMQ_CA_FILE is for a TLS broker, but the URL amqp://guest:***@127.0.0.1:5672/ is plaintext",
+        ),
+        (
+            {
+                "FLUX_RABBITMQ_URL": "amqp://127.0.0.1/",
+                "FLUX_RABBITMQ_CERT_FILE": "{client_cert}",
+                "FLUX_RABBITMQ_KEY_FILE": "{client_key}",
+            },
+            "FLUX_RABBITMQ_CERT_FILE is for a TLS broker",
+        ),
         ({"FLUX_AUTH_TOKENS_FILE": "{missing}"}, "invalid FLUX_AUTH_TOKENS_FILE: cannot read"),
         ({"FLUX_ETCD_USERNAME": "root"}, "FLUX_ETCD_USERNAME and FLUX_ETCD_PASSWORD go together"),
     ],
@@ -95,4 +107,19 @@ def test_tls_files_that_fit_are_accepted(certificates: Certificates) -> None:
         certificates.cert,
         certificates.key,
         certificates.ca,
+    )
+
+
+def test_rabbitmq_tls_files_with_an_amqps_url_are_accepted(certificates: Certificates) -> None:
+    env = {
+        "FLUX_RABBITMQ_URL": "amqps://127.0.0.1/",
+        "FLUX_RABBITMQ_CA_FILE": certificates.ca,
+        "FLUX_RABBITMQ_CERT_FILE": certificates.client_cert,
+        "FLUX_RABBITMQ_KEY_FILE": certificates.client_key,
+    }
+    s = config.load({}, env)
+    assert (s.rabbitmq_ca_file, s.rabbitmq_cert_file, s.rabbitmq_key_file) == (
+        certificates.ca,
+        certificates.client_cert,
+        certificates.client_key,
     )

@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -45,10 +46,12 @@ from aiormq.exceptions import (
 )
 
 from fluxkv import config
+from fluxkv.cdc import amqp
 from fluxkv.cdc.dedup import Deduplicator
 from fluxkv.cdc.events import Event, SchemaError, decode_batch, join_events
 from fluxkv.core.backoff import Backoff, stop_if_cancelling
 from fluxkv.obs import logs
+from fluxkv.security.tls import TLS
 from fluxkv.version import __version__
 
 __all__ = ["CdcConsumer", "CdcError", "PoisonMessageError", "main"]
@@ -59,6 +62,9 @@ DEFAULT_PREFETCH = 100
 # The FLUX_* variables fluxkv-cdc reads, by the flag they stand for (a flag overrides its variable).
 VARIABLES: Mapping[str, str] = {
     "--url": "FLUX_RABBITMQ_URL",
+    "--tls-ca": "FLUX_RABBITMQ_CA_FILE",
+    "--tls-cert": "FLUX_RABBITMQ_CERT_FILE",
+    "--tls-key": "FLUX_RABBITMQ_KEY_FILE",
     "--exchange": "FLUX_CDC_EXCHANGE",
     "--exchange-type": "FLUX_CDC_EXCHANGE_TYPE",
     "--queue": "FLUX_CDC_QUEUE",
@@ -132,19 +138,25 @@ class CdcConsumer:
         binding_keys: Sequence[str] | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         dedup: Deduplicator | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """`binding_keys`: routing keys to bind the queue with; by default "#"
         for a topic exchange, none for direct (the nodes bind the queue with
         their ids) and "" otherwise. `prefetch`: most messages unacked at once.
         `dedup`: the state to start from. An event counts as seen once handed
         out, so pass one only if it holds what was durably handled (as
-        fluxkv-cdc rebuilds it from its output file)."""
+        fluxkv-cdc rebuilds it from its output file). `ssl_context`: how to
+        verify an amqps:// broker (and the client certificate to present);
+        by default the system's CAs, with no client certificate."""
+        if ssl_context is not None and not url.startswith("amqps://"):
+            raise ValueError(f"an ssl_context is for an amqps:// URL, got {config.redact_url(url)!r}")
         if exchange_type not in _DEFAULT_BINDINGS:
             raise ValueError(f"exchange_type must be one of {', '.join(_DEFAULT_BINDINGS)}, got {exchange_type!r}")
         if not 1 <= prefetch <= 65535:
             raise ValueError(f"prefetch must be from 1 to 65535, got {prefetch}")
         self._url = url
         self._where = config.redact_url(url)
+        self._ssl_context = ssl_context if ssl_context is not None else amqp.ssl_context(url, TLS())
         self._queue = queue
         self._exchange = exchange
         self._exchange_type = exchange_type
@@ -272,7 +284,7 @@ class CdcConsumer:
                 return
             except Exception as exc:
                 stop_if_cancelling()
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                reason = amqp.failure(exc)
                 if self._consuming:
                     backoff.reset()
                     last_reason = ""
@@ -300,7 +312,7 @@ class CdcConsumer:
         """Connect, declare, bind and consume until the connection is lost;
         raises why (CdcError when retrying cannot help)."""
         try:
-            connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
+            connection = await amqp.connect(self._url, self._ssl_context, CONNECT_TIMEOUT_S)
         except (AuthenticationError, ProbableAuthenticationError) as exc:
             raise CdcError(f"the broker at {self._where} refused the login: {exc}") from None
         except ProtocolSyntaxError:  # as when RabbitMQ answers Connection.Open with Connection.Close
@@ -412,6 +424,7 @@ class Options:
     """What fluxkv-cdc runs with (parse_args)."""
 
     url: str
+    tls: TLS
     exchange: str
     exchange_type: str
     queue: str
@@ -432,6 +445,7 @@ async def _run(options: Options) -> int:
         binding_keys=options.binding_keys,
         prefetch=options.prefetch,
         dedup=dedup,
+        ssl_context=amqp.ssl_context(options.url, options.tls),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -488,6 +502,17 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="AMQP URL of the broker, e.g. amqp://guest:guest@127.0.0.1:5672/ [FLUX_RABBITMQ_URL]"
     )
     parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM CA certificates an amqps:// broker is verified with (default: the system's) [FLUX_RABBITMQ_CA_FILE]",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM client certificate for an amqps:// broker that asks for one [FLUX_RABBITMQ_CERT_FILE]",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert [FLUX_RABBITMQ_KEY_FILE]")
+    parser.add_argument(
         "--exchange", help=f"exchange the nodes publish to (default {s.cdc_exchange}) [FLUX_CDC_EXCHANGE]"
     )
     parser.add_argument(
@@ -528,6 +553,13 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Option
         parser.error("no broker: give --url or set FLUX_RABBITMQ_URL")
     if not url.startswith(("amqp://", "amqps://")):
         parser.error(f"invalid {source}: expected an amqp:// or amqps:// URL, got {config.redact_url(url)!r}")
+    (ca_source, ca_file), (cert_source, cert_file), (key_source, key_file) = (
+        (name, path.strip()) for name, path in (value(flag, "") for flag in ("--tls-ca", "--tls-cert", "--tls-key"))
+    )
+    try:
+        config.check_rabbitmq_tls(url, ca_file, cert_file, key_file, names=(ca_source, cert_source, key_source))
+    except config.ConfigError as exc:
+        parser.error(str(exc))
     names: dict[str, str] = {}
     for flag, default in (("--exchange", s.cdc_exchange), ("--queue", s.cdc_queue)):
         source, text = value(flag, default)
@@ -551,6 +583,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Option
         parser.error(f"invalid {source}: expected one of {', '.join(logs.FORMATS)}, got {text!r}")
     return Options(
         url=url,
+        tls=TLS(ca_file, cert_file, key_file),
         exchange=names["--exchange"],
         exchange_type=exchange_type,
         queue=names["--queue"],

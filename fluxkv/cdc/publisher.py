@@ -46,6 +46,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
+from fluxkv.cdc import amqp
 from fluxkv.cdc import events as cdc_events
 from fluxkv.cdc.checkpoint import CHECKPOINT_INTERVAL_S, Checkpoint
 from fluxkv.cdc.queue import CdcQueue
@@ -54,6 +55,7 @@ from fluxkv.core.backoff import Backoff, stop_if_cancelling
 from fluxkv.core.changes import ChangeRecord, record_bytes
 from fluxkv.obs.metrics import Family, counter, gauge, states
 from fluxkv.obs.tracing import Tracing
+from fluxkv.security.tls import TLS
 
 log = logging.getLogger("fluxkv.cdc")
 
@@ -175,6 +177,8 @@ class CdcPublisher:
         self._hold: RetentionHold | None = None
         self._confirmed_more = asyncio.Event()  # the checkpoint keeper's cue
         self._url = settings.rabbitmq_url
+        tls = TLS(settings.rabbitmq_ca_file, settings.rabbitmq_cert_file, settings.rabbitmq_key_file)
+        self._ssl_context = amqp.ssl_context(self._url, tls)
         self._exchange_name = settings.cdc_exchange
         self._exchange_type = aio_pika.ExchangeType(settings.cdc_exchange_type)
         self._queue_name = settings.cdc_queue
@@ -196,6 +200,7 @@ class CdcPublisher:
         self._drained: asyncio.Future[None] | None = None
         self._flushing = False
         self.connection = "connecting"
+        self.last_error = ""  # why the last connection failed, while not connected
         self.published = 0
         self.confirmed = 0
         self.republished = 0
@@ -272,8 +277,9 @@ class CdcPublisher:
 
     def describe(self) -> str:
         c = self.counters()
+        failed = f" ({self.last_error})" if self.last_error and c.connection != "connected" else ""
         text = (
-            f"{c.connection} to {redact_url(self._url)}, exchange {self._exchange_name!r}; "
+            f"{c.connection} to {redact_url(self._url)}{failed}, exchange {self._exchange_name!r}; "
             f"{c.queue_depth} events held, {c.confirmed} confirmed up to revision {c.confirmed_revision}, "
             f"{c.republished} republished, {c.dropped} dropped"
         )
@@ -321,11 +327,10 @@ class CdcPublisher:
     async def _publish(self) -> None:
         where = redact_url(self._url)
         backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        last_error = ""
         while True:
             connection: AbstractConnection | None = None
             try:
-                connection = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT_S)
+                connection = await amqp.connect(self._url, self._ssl_context, CONNECT_TIMEOUT_S)
                 channel = await self._declare(connection)
                 stop_if_cancelling()
                 self.connection = "connected"
@@ -338,11 +343,11 @@ class CdcPublisher:
                     extra={"event": "cdc_connected"},
                 )
                 backoff.reset()
-                last_error = ""
+                self.last_error = ""
                 await self._pump(connection, channel)
             except Exception as exc:
                 stop_if_cancelling()
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                error = amqp.failure(exc)
                 if self.connection == "connected":
                     log.warning(
                         "CDC lost the broker at %s (%s); reconnecting, %d events held",
@@ -351,14 +356,14 @@ class CdcPublisher:
                         self._queue.depth,
                         extra={"event": "cdc_lost"},
                     )
-                elif error != last_error:
+                elif error != self.last_error:
                     log.warning(
                         "CDC cannot reach the broker at %s (%s); retrying",
                         where,
                         error,
                         extra={"event": "cdc_unreachable"},
                     )
-                last_error = error
+                self.last_error = error
                 self.connection = "reconnecting"
             finally:
                 self._abandon_unconfirmed()
