@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -123,6 +124,18 @@ class PrivateServer:
         return self._error_type(f"{self.label} {message}\n--- last lines of {self._log} ---\n" + "\n".join(lines))
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """TLS on etcd's client port: its certificate and key (PEM) and the CA that signed them. With client_cert_auth,
+    etcd asks every client for a certificate signed by that CA; the fixture's own calls (its /health probe and
+    etcdctl) present etcd's certificate, which must then be usable by a client too (trustme's are)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    client_cert_auth: bool = False
+
+
 class EtcdServer(PrivateServer):
     """A single-member etcd cluster on 127.0.0.1, started by start() and gone after close().
 
@@ -130,24 +143,83 @@ class EtcdServer(PrivateServer):
     restart. The methods block; start() takes 0.1 to 0.5 s, a restart on existing data about 1 s. Its election
     timeout is short (500 ms): etcd raises a lease TTL below 1.5 election timeouts to that minimum, and this keeps it
     at 1 s, so lease-expiry tests can use a 1 s TTL.
+
+    `tls` serves the client port over TLS (url is then https://). enable_auth() and add_user() set up etcd's auth
+    with etcdctl (Debian's etcd-client). Its tokens are etcd's default "simple" ones, which live 5 minutes from
+    their last use; with `jwt_ttl_s`, JWTs (signed with a key made here) that expire that many seconds after they
+    were issued, used or not, so that a test can wait for a token to expire while it watches it.
     """
 
     def __init__(
-        self, start_timeout: float = START_TIMEOUT_S, *, prefix: str = "fluxkvtest", parent: Path | None = None
+        self,
+        start_timeout: float = START_TIMEOUT_S,
+        *,
+        prefix: str = "fluxkvtest",
+        parent: Path | None = None,
+        tls: EtcdTLS | None = None,
+        jwt_ttl_s: int | None = None,
     ) -> None:
         self.name = f"{prefix}-{os.getpid()}-{next(_numbers)}"
         super().__init__(f"etcd {self.name}", EtcdServerError, parent)
         self.start_timeout = start_timeout
+        self.tls = tls
+        self.jwt_ttl_s = jwt_ttl_s
         self.data_dir = self.base_dir / "data"  # etcd's keys, leases and WAL; delete it while stopped to lose them
         self.client_port = free_port()
         self.peer_port = free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
+        self._root_password = ""  # set by enable_auth(): etcdctl logs in as root from then on
 
     @property
     def endpoint(self) -> str:
         """Where clients connect, as host:port; the same for the server's whole life."""
         return f"{HOST}:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        """The endpoint with its scheme: https:// with TLS, else http://."""
+        return f"{'https' if self.tls is not None else 'http'}://{self.endpoint}"
+
+    def enable_auth(self, root_password: str) -> None:
+        """Create the user root (etcd's administrator: role root) and turn etcd's auth on (etcdctl auth enable);
+        from then on, every call to etcd needs a user's token (or, under client_cert_auth, a certificate whose
+        common name is a user)."""
+        self.etcdctl("role", "add", "root")
+        self.etcdctl("user", "add", "root", f"--new-user-password={root_password}")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("auth", "enable")
+        self._root_password = root_password
+
+    def add_user(self, name: str, password: str, prefix: str) -> None:
+        """Create a user who may read and write the keys under `prefix` (through a role of the same name)."""
+        self.etcdctl("role", "add", name)
+        self.etcdctl("role", "grant-permission", name, "--prefix=true", "readwrite", prefix)
+        self.etcdctl("user", "add", name, f"--new-user-password={password}")
+        self.etcdctl("user", "grant-role", name, name)
+
+    def etcdctl(self, *args: str) -> str:
+        """Run `etcdctl ARGS` against this etcd (over TLS with its certificate, as root once enable_auth() ran);
+        returns what it printed. EtcdServerError if it fails."""
+        etcdctl = shutil.which("etcdctl")
+        if etcdctl is None:
+            raise EtcdServerError(
+                "etcdctl is not on PATH: install Debian's etcd-client (`apt-get install etcd-client`)"
+            )
+        # No inherited ETCDCTL_* variable may point etcdctl elsewhere.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("ETCDCTL_")}
+        env["ETCDCTL_API"] = "3"
+        if self._root_password:
+            env["ETCDCTL_USER"] = f"root:{self._root_password}"
+        command = [etcdctl, f"--endpoints={self.url}", "--dial-timeout=5s", "--command-timeout=10s"]
+        if self.tls is not None:
+            command += [f"--cacert={self.tls.ca_file}", f"--cert={self.tls.cert_file}", f"--key={self.tls.key_file}"]
+        result = subprocess.run(
+            [*command, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+        )
+        if result.returncode != 0:
+            raise EtcdServerError(f"etcdctl {' '.join(args[:2])} failed: {result.stderr.strip() or result.stdout}")
+        return result.stdout
 
     @property
     def pid(self) -> int | None:
@@ -161,7 +233,7 @@ class EtcdServer(PrivateServer):
         etcd = shutil.which("etcd")
         if etcd is None:
             raise EtcdServerError("etcd is not on PATH: install Debian's etcd-server (`apt-get install etcd-server`)")
-        client_url = f"http://{self.endpoint}"
+        client_url = self.url
         peer_url = f"http://{HOST}:{self.peer_port}"
         args = [
             etcd,
@@ -178,6 +250,17 @@ class EtcdServer(PrivateServer):
             "--logger=zap",
             "--log-outputs=stderr",
         ]
+        if self.tls is not None:
+            args += [
+                f"--cert-file={self.tls.cert_file}",
+                f"--key-file={self.tls.key_file}",
+                f"--trusted-ca-file={self.tls.ca_file}",
+            ]
+            if self.tls.client_cert_auth:
+                args.append("--client-cert-auth")
+        if self.jwt_ttl_s is not None:
+            public, private = self._jwt_keys()
+            args.append(f"--auth-token=jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl={self.jwt_ttl_s}s")
         deadline = time.monotonic() + self.start_timeout
         with self._log.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -213,14 +296,46 @@ class EtcdServer(PrivateServer):
         proc.wait()
         self._proc = None
 
+    def _jwt_keys(self) -> tuple[Path, Path]:
+        """The RSA key pair etcd signs its JWTs with (PEM files, made at the first start)."""
+        public, private = self.base_dir / "jwt-public.pem", self.base_dir / "jwt-private.pem"
+        if not private.exists():
+            # Imported here: only a JWT etcd needs it (cryptography comes with trustme, in the dev extra).
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            private.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            public.write_bytes(
+                key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        return public, private
+
+    def _health_opener(self) -> urllib.request.OpenerDirector:
+        """An opener for /health that asks no proxy and, with TLS, verifies etcd (and presents its certificate)."""
+        if self.tls is None:
+            return _no_proxy
+        context = ssl.create_default_context(cafile=self.tls.ca_file)
+        context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+
     def _wait_healthy(self, deadline: float) -> None:
         """Poll /health, which answers true once the member has a leader and serves reads."""
         proc = self._running_process()
+        opener = self._health_opener()
         while True:
             if proc.poll() is not None:
                 raise self._error(f"exited with status {proc.returncode} while starting")
             try:
-                with _no_proxy.open(f"http://{self.endpoint}/health", timeout=1) as answer:
+                with opener.open(f"{self.url}/health", timeout=1) as answer:
                     if json.load(answer).get("health") == "true":
                         return
             except (OSError, ValueError):

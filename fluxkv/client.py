@@ -741,11 +741,21 @@ class SyncClient:
 
     @classmethod
     def from_etcd(
-        cls, endpoints: Sequence[str], *, prefix: str = DEFAULT_PREFIX, etcd_timeout: float = 5.0, **options: Any
+        cls,
+        endpoints: Sequence[str],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        etcd_timeout: float = 5.0,
+        etcd_tls: TLS | None = None,
+        etcd_username: str = "",
+        etcd_password: str = "",
+        **options: Any,
     ) -> SyncClient:
         """A SyncClient that follows the nodes registered in etcd under `prefix`
-        (EtcdError if etcd cannot be reached); `options` are Client's."""
-        nodes = EtcdNodes(endpoints, prefix, etcd_timeout)
+        (EtcdError if etcd cannot be reached); `etcd_tls`, `etcd_username` and
+        `etcd_password` are EtcdNodes' `tls`, `username` and `password`, and
+        `options` are Client's (its `tls` is for the nodes)."""
+        nodes = EtcdNodes(endpoints, prefix, etcd_timeout, tls=etcd_tls, username=etcd_username, password=etcd_password)
         client = cls(nodes, **options)
         try:
             client._run(nodes.__aenter__)

@@ -400,7 +400,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "etcd_endpoints",
         "FLUX_ETCD_ENDPOINTS",
-        "Comma-separated etcd endpoints (host:port) to register this node in; empty runs the node on its own.",
+        "Comma-separated etcd endpoints (host:port, http://host:port or https://host:port) to register this node in; empty runs the node on its own.",
         _endpoints,
     ),
     Setting(
@@ -631,6 +631,29 @@ def _check_security(s: Settings) -> None:
         _check_readable(s.auth_tokens_file, "FLUX_AUTH_TOKENS_FILE")
     if bool(s.etcd_username) != bool(s.etcd_password):
         raise ConfigError("FLUX_ETCD_USERNAME and FLUX_ETCD_PASSWORD go together: set both or neither")
+    plain = [e for e in s.etcd_endpoints if e.startswith("http://")]
+    if plain and (s.etcd_ca_file or s.etcd_cert_file or any(e.startswith("https://") for e in s.etcd_endpoints)):
+        raise ConfigError(
+            f"FLUX_ETCD_ENDPOINTS names plain-text endpoints ({', '.join(plain)}) but TLS to etcd is asked for "
+            "(FLUX_ETCD_CA_FILE, FLUX_ETCD_CERT_FILE or an https:// endpoint): use https:// or host:port"
+        )
+
+
+def load_etcd_access(environ: Mapping[str, str]) -> Settings:
+    """Settings with only how to reach etcd, FLUX_ETCD_CA_FILE, _CERT_FILE, _KEY_FILE, _USERNAME and _PASSWORD,
+    read from `environ` and checked as a node checks them (ConfigError), for the programs that find the nodes in
+    etcd without being one: the CLI and fluxkv-bench."""
+    fields = ("etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_username", "etcd_password")
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.field in fields and (raw := environ.get(s.env)) is not None:
+            try:
+                values[s.field] = s.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"invalid {s.env}: {exc}") from None
+    settings = Settings(**values)
+    _check_security(settings)  # the other settings keep their defaults (none), so only etcd's are checked
+    return settings
 
 
 RABBITMQ_TLS_SETTINGS = ("FLUX_RABBITMQ_CA_FILE", "FLUX_RABBITMQ_CERT_FILE", "FLUX_RABBITMQ_KEY_FILE")

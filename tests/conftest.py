@@ -49,9 +49,10 @@ READY = re.compile(r"serving on (\S+:\d+)")
 START_TIMEOUT_S = 30
 
 
-# The fixtures that need a broker (the shared one, or one of the test's own) or etcd.
+# The fixtures that need a broker (the shared one, or one of the test's own) or etcd: etcd_server, and every
+# fixture named like it (tls_etcd_server...) that starts an etcd of its own.
 BROKER_FIXTURES = {"names", "rabbit_broker", "rabbit_tls_broker", "rabbit_mtls_broker"}
-ETCD_FIXTURES = {"etcd_server"}
+ETCD_FIXTURE_SUFFIX = "etcd_server"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & BROKER_FIXTURES:
             item.add_marker(pytest.mark.broker)
-        if fixtures & ETCD_FIXTURES:
+        if any(name.endswith(ETCD_FIXTURE_SUFFIX) for name in fixtures):
             item.add_marker(pytest.mark.etcd)
 
 

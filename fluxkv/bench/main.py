@@ -49,7 +49,7 @@ from fluxkv.bench.load import (
 )
 from fluxkv.bench.report import Progress, Result, machine, summary, to_json
 from fluxkv.bench.server_probe import ProfileError, Profiler, cpu_seconds, find_py_spy
-from fluxkv.config import Settings
+from fluxkv.config import ConfigError, Settings, load_etcd_access
 from fluxkv.security import tls
 from fluxkv.version import __version__
 
@@ -333,14 +333,24 @@ def _nodes(args: argparse.Namespace) -> list[str]:
         return sorted(set(args.addr))
     from fluxkv.cluster.discovery import EtcdNodes
     from fluxkv.cluster.etcd_client import EtcdError
+    from fluxkv.security.tls import etcd_tls
+
+    access = load_etcd_access(os.environ)  # parse_args checked it; not kept in args, which the JSON result records
 
     async def read() -> list[str]:
-        async with EtcdNodes(args.etcd, args.etcd_prefix, args.timeout) as source:
+        async with EtcdNodes(
+            args.etcd,
+            args.etcd_prefix,
+            args.timeout,
+            tls=etcd_tls(access),
+            username=access.etcd_username,
+            password=access.etcd_password,
+        ) as source:
             return sorted(source.addresses)
 
     try:
         nodes = asyncio.run(read())
-    except EtcdError as exc:
+    except (EtcdError, ValueError) as exc:
         raise SetupError(f"cannot reach etcd {','.join(args.etcd)} ({exc})") from None
     if not nodes:
         raise SetupError(f"no node is registered under {args.etcd_prefix} in etcd {','.join(args.etcd)}")
@@ -501,7 +511,8 @@ def _parser() -> argparse.ArgumentParser:
         "--etcd",
         type=arguments.endpoints,
         metavar="HOST:PORT[,...]",
-        help="find the nodes in etcd and route by the ring",
+        help="find the nodes in etcd and route by the ring; TLS and auth to etcd as the nodes' FLUX_ETCD_CA_FILE, "
+        "_CERT_FILE, _KEY_FILE, _USERNAME and _PASSWORD",
     )
     where.add_argument(
         "--etcd-prefix",
@@ -562,6 +573,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--target etcd sends -t set or get (as Put and Range), not -t {args.workload}")
         if args.etcd or len(args.addr) != 1:
             parser.error("--target etcd needs exactly one --addr: the etcd endpoint to load")
+    if args.etcd:
+        try:
+            load_etcd_access(os.environ)
+        except ConfigError as exc:
+            parser.error(str(exc))
     if args.concurrency < args.conns * args.processes:
         parser.error(
             f"-c {args.concurrency} is below --conns x --processes ({args.conns * args.processes}): "

@@ -20,10 +20,11 @@ from google.protobuf.message import Message
 
 from fluxkv import arguments
 from fluxkv.aof import check as aof_check
-from fluxkv.config import Settings
+from fluxkv.config import ConfigError, Settings, load_etcd_access
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 from fluxkv.security import tls
+from fluxkv.security.tls import etcd_tls
 from fluxkv.version import __version__
 
 DEFAULT_ADDR = "localhost:50052"
@@ -49,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser, mset = _parser()
     args = parser.parse_args(argv)
     client_tls = tls.client_tls(args, parser)
+    if args.etcd:
+        try:
+            args.etcd_access = load_etcd_access(os.environ)
+        except ConfigError as exc:
+            parser.error(str(exc))
     if args.command == "mset":
         if len(args.pairs) % 2:
             mset.error(f"expected KEY VALUE pairs, got an odd number of arguments ({len(args.pairs)})")
@@ -108,14 +114,22 @@ def _nodes(args: argparse.Namespace) -> list[str]:
     from fluxkv.cluster.etcd_client import EtcdClient, EtcdError
     from fluxkv.cluster.hash_ring import HashRing
 
+    access: Settings = args.etcd_access
+
     async def read() -> list[str]:
-        async with EtcdClient(args.etcd, args.timeout) as etcd:
+        async with EtcdClient(
+            args.etcd,
+            args.timeout,
+            tls=etcd_tls(access),
+            username=access.etcd_username,
+            password=access.etcd_password,
+        ) as etcd:
             pairs, _ = await etcd.get_prefix(args.etcd_prefix)
         return sorted({value for _, value in pairs if value})
 
     try:
         addresses = asyncio.run(read())
-    except EtcdError as exc:
+    except (EtcdError, ValueError) as exc:
         raise _NoNodes(f"cannot read the nodes from etcd: {exc}") from None
     if not addresses:
         raise _NoNodes(f"no node is registered under {args.etcd_prefix} in etcd {','.join(args.etcd)}")
@@ -333,7 +347,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--etcd",
         type=arguments.endpoints,
         metavar="HOST:PORT[,...]",
-        help="find the nodes in etcd instead of --addr: a key's command goes to its owner, scan and info to every node",
+        help="find the nodes in etcd instead of --addr: a key's command goes to its owner, scan and info to every "
+        "node; TLS and auth to etcd as the nodes' FLUX_ETCD_CA_FILE, _CERT_FILE, _KEY_FILE, _USERNAME and _PASSWORD",
     )
     parser.add_argument(
         "--etcd-prefix",

@@ -16,6 +16,7 @@ from typing import Self
 from fluxkv.cluster.etcd_client import EtcdClient, EtcdCompacted, EtcdError
 from fluxkv.config import Settings
 from fluxkv.core.backoff import Backoff
+from fluxkv.security.tls import TLS
 
 log = logging.getLogger("fluxkv.discovery")
 
@@ -94,13 +95,27 @@ class EtcdNodes:
         async with EtcdNodes(["127.0.0.1:2379"]) as nodes, Client(nodes) as client:
             ...
 
-    Entering reads the nodes (EtcdError if etcd cannot be reached) and starts
-    following changes; leaving stops. SyncClient.from_etcd does the same for
-    blocking code.
+    Entering reads the nodes (EtcdError if etcd cannot be reached, EtcdAuthFailed
+    if it refuses the user and password) and starts following changes; leaving
+    stops. SyncClient.from_etcd does the same for blocking code.
+
+    `tls` speaks TLS to etcd (`TLS(ca_file)`, and a client certificate for an
+    etcd that asks for one; an https:// endpoint without it uses the system's
+    CA certificates). `username` and `password`: etcd's auth, whose token is
+    renewed whenever etcd refuses it as expired.
     """
 
-    def __init__(self, endpoints: Sequence[str], prefix: str = DEFAULT_PREFIX, timeout_s: float = 5.0) -> None:
-        self._client = EtcdClient(endpoints, timeout_s)
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = DEFAULT_PREFIX,
+        timeout_s: float = 5.0,
+        *,
+        tls: TLS | None = None,
+        username: str = "",
+        password: str = "",
+    ) -> None:
+        self._client = EtcdClient(endpoints, timeout_s, tls=tls, username=username, password=password)
         self._discovery = Discovery(self._client, prefix)
         self._task: asyncio.Task[None] | None = None
 

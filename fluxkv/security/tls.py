@@ -103,5 +103,13 @@ def peer_tls(settings: Settings) -> TLS:
     )
 
 
+def etcd_tls(settings: Settings) -> TLS | None:
+    """How the node (and the CLI and fluxkv-bench) reach etcd: TLS when FLUX_ETCD_CA_FILE or a client
+    certificate is set, else whatever the endpoints' scheme says."""
+    if not (settings.etcd_ca_file or settings.etcd_cert_file):
+        return None
+    return TLS(settings.etcd_ca_file, settings.etcd_cert_file, settings.etcd_key_file)
+
+
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None

@@ -23,7 +23,7 @@ from fluxkv.aof.file_format import AofCorrupt
 from fluxkv.cdc.publisher import CdcCounters, CdcPublisher
 from fluxkv.cdc.queue import CdcQueue
 from fluxkv.cluster.discovery import Discovery
-from fluxkv.cluster.etcd_client import EtcdClient, EtcdError
+from fluxkv.cluster.etcd_client import EtcdAuthFailed, EtcdClient, EtcdError
 from fluxkv.cluster.forwarding import Router
 from fluxkv.cluster.registration import Registration
 from fluxkv.core.errors import ErrorKind, KVError
@@ -188,7 +188,8 @@ class Node:
         self._expiry_task = asyncio.create_task(self._expiry.run(), name="fluxkv-active-expiry")
         etcd = "no etcd registration"
         if self._registration is not None:
-            etcd = f"etcd registration {self._registration.key} {self._registration.state}"
+            assert self._etcd is not None
+            etcd = f"etcd registration {self._registration.key} {self._registration.state} ({self._etcd.describe()})"
         cdc = "no CDC publishing"
         if self.cdc is not None:
             self._cdc_task = asyncio.create_task(self.cdc.run(self.node_id, self.store.epoch), name="fluxkv-cdc")
@@ -254,7 +255,9 @@ class Node:
         s = self.settings
         assert self.router is not None
         self.router.address = advertised
-        self._etcd = EtcdClient(s.etcd_endpoints, s.etcd_timeout_s)
+        self._etcd = EtcdClient(
+            s.etcd_endpoints, s.etcd_timeout_s, tls=tls.etcd_tls(s), username=s.etcd_username, password=s.etcd_password
+        )
         self._registration = Registration(self._etcd, s.etcd_prefix, advertised, s.etcd_lease_ttl_s)
         self._discovery = Discovery(self._etcd, s.etcd_prefix)
         self._discovery.on_change(self.router.update)
@@ -266,7 +269,8 @@ class Node:
             if s.etcd_at_start == "fail":
                 raise
             log.warning(
-                "etcd unreachable at start (%s): serving unregistered, retrying in the background",
+                "%s at start (%s): serving unregistered, retrying in the background",
+                etcd_failure(exc),
                 exc,
                 extra={"event": "etcd_unreachable"},
             )
@@ -280,7 +284,10 @@ class Node:
             if self.settings.etcd_at_start == "fail":
                 raise
             log.warning(
-                "cannot register in etcd yet (%s); retrying in the background", exc, extra={"event": "etcd_unreachable"}
+                "cannot register in etcd yet (%s: %s); retrying in the background",
+                etcd_failure(exc),
+                exc,
+                extra={"event": "etcd_unreachable"},
             )
         self._cluster_tasks = [
             asyncio.create_task(self._registration.run(), name="fluxkv-etcd-registration"),
@@ -415,12 +422,16 @@ class Node:
             cdc = ("cdc", self.cdc.connection, self.cdc.describe())
         etcd = ("etcd", "disabled", "FLUX_ETCD_ENDPOINTS is empty: the node runs on its own")
         if self._registration is not None and self._discovery is not None and self.router is not None:
-            etcd = (
-                "etcd",
-                self._registration.state,
+            assert self._etcd is not None
+            detail = (
                 f"{self._registration.describe()}; {len(self._discovery.addresses)} nodes in the ring; "
-                f"{self.router.forwarded} calls forwarded to their key's owner",
+                f"{self.router.forwarded} calls forwarded to their key's owner; {self._etcd.describe()}"
             )
+            if self._etcd.auth_error:
+                refused = _etcd_refused(self._etcd.username)
+                etcd = ("etcd", "auth_failed", f"{refused}: {self._etcd.auth_error}; retrying; {detail}")
+            else:
+                etcd = ("etcd", self._registration.state, detail)
         aof = ("aof", "disabled", "FLUX_AOF_FILENAME is empty: nothing is kept on disk")
         if self.aof is not None:
             aof = ("aof", self.aof.state, self.aof.describe())
@@ -522,8 +533,14 @@ class Node:
         ]
 
     def _collect_cluster(self) -> list[Family]:
-        assert self._discovery is not None and self.router is not None
+        assert self._discovery is not None and self.router is not None and self._etcd is not None
         return [
+            counter(
+                "fluxkv_etcd_authentications_total",
+                "Tokens this node got from etcd's auth (FLUX_ETCD_USERNAME): the first, then one each time etcd "
+                "refused the last as expired.",
+                self._etcd.authentications,
+            ),
             gauge(
                 "fluxkv_ring_nodes",
                 "Nodes in the consistent-hash ring, as registered in etcd.",
@@ -564,7 +581,9 @@ async def serve(settings: config.Settings) -> int:
         log.error("%s", exc, extra={"event": "start_failed"})
         return 1
     except EtcdError as exc:
-        log.error("etcd unreachable at start and FLUX_ETCD_AT_START=fail: %s", exc, extra={"event": "start_failed"})
+        log.error(
+            "%s at start and FLUX_ETCD_AT_START=fail: %s", etcd_failure(exc), exc, extra={"event": "start_failed"}
+        )
         return 1
     except AofCorrupt as exc:
         log.error(
@@ -611,6 +630,17 @@ def advertised_address(settings: config.Settings, port: int) -> str:
     if host in ("0.0.0.0", "::"):
         host = _outbound_ip()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def etcd_failure(exc: EtcdError) -> str:
+    """What went wrong with etcd, in a few words that name the settings to look at."""
+    if isinstance(exc, EtcdAuthFailed):
+        return _etcd_refused(exc.username)
+    return "etcd unreachable"
+
+
+def _etcd_refused(username: str) -> str:
+    return f"etcd refused FLUX_ETCD_USERNAME {username!r} and its FLUX_ETCD_PASSWORD"
 
 
 def _outbound_ip() -> str:

@@ -17,6 +17,7 @@ import pytest
 from deploy.private_servers import EtcdServer, free_port
 from fluxkv.cluster.etcd_client import EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, WatchEvent
 from fluxkv.proto import etcd_api_pb2, etcd_api_pb2_grpc
+from fluxkv.security.tls import TLS
 
 TIMEOUT_S = 5.0
 WAIT_S = 10.0  # bound on waiting for an event etcd is sure to send
@@ -58,15 +59,26 @@ async def compact(server: EtcdServer, revision: int) -> None:
 @pytest.mark.parametrize(
     ("endpoint", "error"),
     [
-        ("https://127.0.0.1:2379", "https (TLS) is not supported"),
-        ("127.0.0.1", "neither host:port nor http://host:port"),
-        ("unix:///run/etcd.sock", "neither host:port nor http://host:port"),
-        ("http://127.0.0.1:2379/v3", "neither host:port nor http://host:port"),
+        ("127.0.0.1", "is not host:port, http://host:port or https://host:port"),
+        ("unix:///run/etcd.sock", "is not host:port, http://host:port or https://host:port"),
+        ("http://127.0.0.1:2379/v3", "is not host:port, http://host:port or https://host:port"),
     ],
 )
 def test_bad_endpoints_are_refused(endpoint: str, error: str) -> None:
     with pytest.raises(ValueError, match=re.escape(error)):
         EtcdClient([endpoint], TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "tls"),
+    [
+        (["http://127.0.0.1:2379"], TLS(ca_file="")),
+        (["http://127.0.0.1:2379", "https://127.0.0.1:2380"], None),
+    ],
+)
+def test_plain_text_endpoints_are_refused_when_tls_is_asked_for(endpoints: list[str], tls: TLS | None) -> None:
+    with pytest.raises(ValueError, match=re.escape("http:// is plain text, but TLS is asked for")):
+        EtcdClient(endpoints, TIMEOUT_S, tls=tls)
 
 
 async def test_put_get_prefix_delete(client: EtcdClient) -> None:

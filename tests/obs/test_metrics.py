@@ -139,6 +139,7 @@ async def test_etcd_registration_with_etcd(etcd_server: EtcdServer) -> None:
     assert value(samples, "fluxkv_etcd_registration", state="registered") == 1
     assert value(samples, "fluxkv_etcd_registration", state="lost") == 0
     assert value(samples, "fluxkv_etcd_registrations_total") == 1
+    assert value(samples, "fluxkv_etcd_authentications_total") == 0  # no FLUX_ETCD_USERNAME
     assert value(samples, "fluxkv_forwarded_calls_total") == 0
 
 
