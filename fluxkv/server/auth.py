@@ -39,6 +39,14 @@ class NodeAuth:
         self.path = path
         self.authorizer = Authorizer(load_tokens(path), TOKENS_SETTING)
         self.reloads = {"ok": 0, "refused": 0}
+        loaded = self.authorizer.tokens
+        log.info(
+            "calls need a token: %d tokens from %s (%s)",
+            len(loaded),
+            path,
+            ", ".join(loaded.names) or "none",
+            extra={"event": "tokens_loaded", "tokens": len(loaded)},
+        )
 
     def reload(self) -> None:
         """Read the file again (SIGHUP): a good one replaces the tokens, a bad one is refused and
