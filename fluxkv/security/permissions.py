@@ -112,26 +112,26 @@ class Authorizer:
     def check_keys(self, token: Token, method: str, keys: Keys, request: Any) -> None:
         """PERMISSION_DENIED unless the token's prefixes cover every key (or the prefix) that
         `request` of `method` names; a batch is refused whole for one key outside."""
-        if token.prefixes is None or keys is Keys.NONE:
+        prefixes = token.prefixes
+        if prefixes is None or keys is Keys.NONE:
             return
-        covers = token.covers
         if keys is Keys.KEY:
             key = request.key
-            if not covers(key):
+            if not key.startswith(prefixes):
                 raise self._outside(token, method, f"key {shown(key)}")
         elif keys is Keys.PREFIX:
             prefix = request.prefix
-            if not covers(prefix):
+            if not prefix.startswith(prefixes):
                 what = f"prefix {shown(prefix)}" if prefix else "every key (an empty prefix)"
                 raise self._outside(token, method, what)
+        elif keys is Keys.KEYS:
+            for i, key in enumerate(request.keys):
+                if not key.startswith(prefixes):
+                    raise self._outside(token, method, f"keys[{i}], key {shown(key)}", whole=True)
         else:
-            if keys is Keys.KEYS:
-                names, label = list(request.keys), "keys"
-            else:
-                names, label = [item.key for item in request.items], "items"
-            for i, key in enumerate(names):
-                if not covers(key):
-                    raise self._outside(token, method, f"{label}[{i}], key {shown(key)}", whole=True)
+            for i, item in enumerate(request.items):
+                if not item.key.startswith(prefixes):
+                    raise self._outside(token, method, f"items[{i}], key {shown(item.key)}", whole=True)
 
     def _outside(self, token: Token, method: str, what: str, whole: bool = False) -> KVError:
         call = method.rsplit("/", 1)[-1]

@@ -57,12 +57,6 @@ class Token:
     role: Role
     prefixes: tuple[str, ...] | None
 
-    def covers(self, key: str) -> bool:
-        """Whether `key` (or every key that starts with `key`, for a Scan or Watch prefix) is
-        under one of the token's prefixes."""
-        prefixes = self.prefixes
-        return prefixes is None or key.startswith(prefixes)
-
     def describe_prefixes(self) -> str:
         if self.prefixes is None:
             return "every key"
