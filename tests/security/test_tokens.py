@@ -5,6 +5,8 @@ over every digest, and the rules covering every method the node serves."""
 from __future__ import annotations
 
 import hmac
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -190,3 +192,13 @@ def test_identify_counts_each_refusal_by_reason_and_each_match_by_name() -> None
     # A reload keeps the counts of the names that stay and starts new ones at 0.
     authorizer.replace(Tokens([Token("u", tokens.digest("s2"), Role.READ, None)]))
     assert authorizer.accepted == {"t": 1, "u": 0}
+
+
+def test_the_tables_in_docs_security_md_are_valid_tokens_files() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        assert tokens.parse(block.encode(), "docs/security.md")
+    [orders, *_] = tokens.parse(blocks[0].encode(), "docs/security.md")
+    assert orders.digest == tokens.digest("orders-token-example")
