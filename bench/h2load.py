@@ -60,11 +60,18 @@ class H2loadRun:
 
 
 def h2load(
-    addresses: Sequence[str], calls: int, connections: int, streams: int, value_size: int, server_pid: int
+    addresses: Sequence[str],
+    calls: int,
+    connections: int,
+    streams: int,
+    value_size: int,
+    server_pid: int,
+    headers: Sequence[str] = (),
 ) -> H2loadRun:
     """`calls` unary Sets to each of `addresses` at once (one h2load process each, say one per
     worker), over `connections` connections with up to `streams` calls in flight on each; server
-    CPU per call from /proc of `server_pid` and its descendants (the workers)."""
+    CPU per call from /proc of `server_pid` and its descendants (the workers). `headers`: more
+    request headers ("name: value"), such as a token's authorization."""
     tool = shutil.which("h2load")
     if tool is None:
         raise H2loadMissing(f"h2load is not on PATH (Debian: {INSTALL})")
@@ -76,6 +83,8 @@ def h2load(
         started = time.perf_counter()
         options = ["-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body),
                    "-H", "content-type: application/grpc", "-H", "te: trailers"]  # fmt: skip
+        for header in headers:
+            options += ["-H", header]
         procs = [
             subprocess.Popen(
                 [tool, *options, f"--log-file={log}", f"http://{address}{METHOD}"],
