@@ -131,7 +131,7 @@ class Node:
                 guard = self.auth.page
                 pages["/metrics"] = guard(pages["/metrics"], None, "/metrics")
                 if self.profiler is not None:
-                    pages |= {path: guard(page, Role.ADMIN, path) for path, page in self.profiler.pages().items()}
+                    pages |= {path: guard(pages[path], Role.ADMIN, path) for path in self.profiler.pages()}
             self.admin = AdminServer(settings.host, settings.admin_port, pages)
         writes = WritePath(gate, self.aof)
         kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
