@@ -72,8 +72,8 @@ def h2load(
     """`calls` unary Sets to each of `addresses` at once (one h2load process each, say one per
     worker), over `connections` connections with up to `streams` calls in flight on each; server
     CPU per call from /proc of `server_pid` and its descendants (the workers). With `tls`, over
-    TLS (h2load does not verify the server's certificate); `headers` ("name: value") go with
-    every call."""
+    TLS (h2load does not verify the server's certificate). `headers`: more request headers
+    ("name: value"), such as a token's authorization."""
     tool = shutil.which("h2load")
     if tool is None:
         raise H2loadMissing(f"h2load is not on PATH (Debian: {INSTALL})")

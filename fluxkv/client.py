@@ -235,11 +235,21 @@ class DeadlineExceeded(FluxKVError):
     """DEADLINE_EXCEEDED: no answer within the call's deadline."""
 
 
+class Unauthenticated(FluxKVError):
+    """UNAUTHENTICATED: the node wants a token, and this client sent none or one it does not know."""
+
+
+class PermissionDenied(FluxKVError):
+    """PERMISSION_DENIED: the token's role or key prefixes do not allow the call (the message says which)."""
+
+
 _ERRORS: dict[ErrorKind | None, type[FluxKVError]] = {
     ErrorKind.INVALID_ARGUMENT: InvalidRequest,
     ErrorKind.ABORTED: ConditionFailed,
     ErrorKind.UNAVAILABLE: Unavailable,
     ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
+    ErrorKind.UNAUTHENTICATED: Unauthenticated,
+    ErrorKind.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from deploy.private_servers import BrokerTLS, EtcdServer, RabbitBroker
 from fluxkv import config
 from fluxkv.obs.tracing import Tracing
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
+from fluxkv.security import tokens as token_secrets
 from fluxkv.server.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +353,27 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         files[f"{name}cert"] = str(root / f"{name}cert.pem")
         write(f"{name}key", leaf.private_key_pem)
     return Certificates(**files)
+
+
+# -- tokens (FLUX_AUTH_TOKENS_FILE) -----------------------------------------------
+
+
+def write_tokens(path: Path, tables: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """Write a tokens file with a fresh token per name ({name: (role, prefixes)}, no prefixes: every
+    key), as `fluxkv token new` makes them; return each name's secret."""
+    secrets = {name: token_secrets.new_secret() for name in tables}
+    path.write_text(
+        "\n".join(
+            token_secrets.toml_table(name, secrets[name], token_secrets.ROLES[role], prefixes)
+            for name, (role, prefixes) in tables.items()
+        )
+    )
+    return secrets
+
+
+def bearer(secret: str) -> tuple[tuple[str, str]]:
+    """The metadata that sends a token."""
+    return (("authorization", f"Bearer {secret}"),)
 
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"

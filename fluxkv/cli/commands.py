@@ -23,7 +23,7 @@ from fluxkv.aof import check as aof_check
 from fluxkv.config import ConfigError, Settings, load_etcd_access
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
-from fluxkv.security import tls
+from fluxkv.security import tls, tokens
 from fluxkv.security.tls import etcd_tls
 from fluxkv.version import __version__
 
@@ -266,6 +266,14 @@ def _aof_repair(_: None, args: argparse.Namespace) -> int:
     return SUCCESS
 
 
+def _token_new(_: None, args: argparse.Namespace) -> int:
+    secret = tokens.new_secret()
+    _write(secret)
+    _write("")
+    _write(tokens.toml_table(args.name, secret, tokens.ROLES[args.role], args.prefixes).rstrip("\n"))
+    return SUCCESS
+
+
 # -- output -----------------------------------------------------------------------
 
 
@@ -329,6 +337,18 @@ def _key(text: str) -> str:
         text.encode()
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+def _token_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a token's name must not be empty")
+    return text
+
+
+def _token_prefix(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a prefix must not be empty (leave --prefix out for every key)")
     return text
 
 
@@ -424,4 +444,24 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         True,
     )
     aof_repair.add_argument("file", metavar="FILE")
+
+    token = commands.add_parser("token", help="Make tokens for a node's FLUX_AUTH_TOKENS_FILE (offline).")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    summary = (
+        "Print a fresh random token, then its [[token]] table for FLUX_AUTH_TOKENS_FILE, which holds only the "
+        "token's SHA-256 (offline; docs/security.md)."
+    )
+    new = token_commands.add_parser("new", help=summary, description=summary)
+    new.set_defaults(run=_token_new, offline=True)
+    new.add_argument("name", type=_token_name, metavar="NAME", help="shown in the node's logs and metrics")
+    new.add_argument("--role", required=True, choices=list(tokens.ROLES), help="what the token may call")
+    new.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        type=_token_prefix,
+        dest="prefixes",
+        metavar="P",
+        help="a key prefix the token may touch (repeatable; default: every key)",
+    )
     return parser, mset

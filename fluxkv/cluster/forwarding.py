@@ -13,7 +13,8 @@ each owner's part with Router.forward, by their method's descriptor.
 
 A forwarded call carries the metadata call_context.FORWARDED_BY, and the node
 receiving it serves it itself: a call is forwarded at most once, even while
-two nodes briefly disagree about the ring.
+two nodes briefly disagree about the ring. It also carries the caller's
+`authorization`, which the owner checks again (docs/security.md).
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ class Router:
         response = message_factory.GetMessageClass(method.output_type)
         call = channel.unary_unary(f"/{name}", request_serializer=_serialize, response_deserializer=response.FromString)
         self.forwarded += 1
-        metadata = [(call_context.FORWARDED_BY, self.address)]
+        metadata: list[tuple[str, str | bytes]] = [(call_context.FORWARDED_BY, self.address)]
+        # The owner checks the caller's token again: its tokens file has the last word on its keys.
+        authorization = call_context.metadata_value(call_context.AUTHORIZATION)
+        if authorization is not None:
+            metadata.append((call_context.AUTHORIZATION, authorization))
         timeout = call_context.time_remaining() or DEFAULT_TIMEOUT_S
         try:
             if self._tracing is None:

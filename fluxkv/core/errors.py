@@ -21,11 +21,13 @@ from dataclasses import dataclass
 class ErrorKind(enum.Enum):
     INVALID_ARGUMENT = 3  # the request breaks a limit or a rule
     DEADLINE_EXCEEDED = 4  # no answer within the call's deadline: the call may or may not have been applied
+    PERMISSION_DENIED = 7  # the caller's token does not allow this method, key or prefix
     RESOURCE_EXHAUSTED = 8  # the answer would exceed a size limit
     FAILED_PRECONDITION = 9  # the data cannot be served this way
     ABORTED = 10  # an expect_revision condition failed: read and retry
     OUT_OF_RANGE = 11  # a revision the node no longer holds
     UNAVAILABLE = 14  # the node cannot take the call now (and did not apply it): retry later
+    UNAUTHENTICATED = 16  # no token, or one the node does not know (FLUX_AUTH_TOKENS_FILE)
 
 
 _KINDS = {kind.value: kind for kind in ErrorKind}

@@ -51,6 +51,8 @@ class Request:
     method: str
     path: str
     query: str
+    # By lower-case name; the last of a repeated header.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -220,7 +222,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
     if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
         raise HttpError(HTTPStatus.BAD_REQUEST, "a request body is not accepted")
     url = urlsplit(target)
-    return Request(method, unquote(url.path), url.query)
+    return Request(method, unquote(url.path), url.query, headers)
 
 
 async def _read_line(reader: asyncio.StreamReader, too_long: HTTPStatus, what: str) -> str | None:

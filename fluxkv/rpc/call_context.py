@@ -1,5 +1,5 @@
-"""What request handling may ask of the call being served (its deadline, and
-whether another node forwarded it) without knowing the transport. The
+"""What request handling may ask of the call being served (its deadline,
+whether another node forwarded it, its authorization) without knowing the transport. The
 transport sets `current` for each call; outside a call there is none."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Protocol
 # Metadata a node adds to a call it forwards to the key's owner: the
 # receiving node then serves it itself, whatever its own view of the ring.
 FORWARDED_BY = "fluxkv-forwarded-by"
+# The caller's token, "Bearer <token>" (docs/security.md); a forwarded call carries it on.
+AUTHORIZATION = "authorization"
 
 
 class Call(Protocol):
@@ -39,3 +41,14 @@ def forwarded() -> bool:
     if call is None:
         return False
     return any(key == FORWARDED_BY for key, _ in call.invocation_metadata() or ())
+
+
+def metadata_value(key: str) -> str | bytes | None:
+    """The value of the current call's first metadata entry `key`; None without one (or outside a call)."""
+    call = current.get()
+    if call is None:
+        return None
+    for k, value in call.invocation_metadata() or ():
+        if k == key:
+            return value
+    return None

@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 from bisect import bisect_left
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from time import perf_counter
 from typing import Any, cast
@@ -30,7 +30,7 @@ import uvloop
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fluxkv.core.errors import KVError
 from fluxkv.obs.metrics import LATENCY_BOUNDS, MethodStats, RequestMetrics
@@ -46,6 +46,8 @@ UnaryHandler = Callable[[Any], Awaitable[Any]]
 # the transport sends the call's headers as soon as it returns.
 StreamHandler = Callable[[Any], AsyncGenerator[Any, None]]
 Handler = UnaryHandler | StreamHandler
+# Checks a call's metadata; raises KVError to refuse it.
+Authorize = Callable[[Sequence[tuple[str, str | bytes]] | None], None]
 
 METADATA_LIMIT_BYTES = 16 * 1024
 SERVERS = {"native": pygrpc_native.aio.server, "grpcio": grpc.aio.server}
@@ -64,7 +66,9 @@ def loop_factory(event_loop: str, server: str) -> Callable[[], asyncio.AbstractE
 
 class GrpcTransport:
     """One gRPC server (`server`: a key of SERVERS) for a set of services:
-    {"pkg.Service": {"Method": handler}}."""
+    {"pkg.Service": {"Method": handler}}. With `authorize`, reflection answers
+    only calls whose metadata it accepts (it raises KVError otherwise); the
+    health service stays open."""
 
     def __init__(
         self,
@@ -74,6 +78,7 @@ class GrpcTransport:
         tracing: Tracing | None = None,
         server: str = "native",
         credentials: grpc.ServerCredentials | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         if credentials is not None and server != "grpcio":
             raise ValueError("only grpcio serves TLS: pygrpc-native has none")
@@ -100,9 +105,13 @@ class GrpcTransport:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._service_names = tuple(services)
-        reflection.enable_server_reflection(
-            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        reflected = (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        if authorize is None:
+            reflection.enable_server_reflection(reflected, self._server)
+        else:
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                _GuardedReflection(reflected, authorize), self._server
+            )
 
     def bind(self, host: str, port: int) -> int:
         """Listen on host:port (over TLS with the transport's credentials); return the bound port.
@@ -132,6 +141,27 @@ class GrpcTransport:
         """Report NOT_SERVING, refuse new calls, give in-flight calls grace_s to finish."""
         await self.not_serving()
         await self._server.stop(grace_s)
+
+
+class _GuardedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """Server reflection behind `authorize`. Its bidirectional stream is served by grpc.aio on
+    both servers (pygrpc-native hands it to the grpc.aio server behind it), so the check sits
+    in the servicer itself rather than in an interceptor, which pygrpc-native would run on
+    every call of every method."""
+
+    def __init__(self, service_names: Sequence[str], authorize: Authorize) -> None:
+        super().__init__(service_names)
+        self._authorize = authorize
+
+    async def ServerReflectionInfo(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[Any, None]:
+        try:
+            self._authorize(context.invocation_metadata())
+        except KVError as exc:
+            await context.abort(rpc_status.status_code(exc.kind), exc.message)
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            yield response
 
 
 def _method_handlers(

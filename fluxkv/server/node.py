@@ -36,7 +36,9 @@ from fluxkv.obs.metrics import CONTENT_TYPE, Family, Registry, RequestMetrics, c
 from fluxkv.obs.profiling import Profiler
 from fluxkv.obs.tracing import Tracing, from_settings
 from fluxkv.security import tls
+from fluxkv.security.tokens import Role, TokensFileError
 from fluxkv.server import workers
+from fluxkv.server.auth import TOKENS_SETTING, NodeAuth, load_tokens
 from fluxkv.server.grpc_transport import GrpcTransport, Handler, loop_factory
 from fluxkv.server.handlers import CompatHandlers, KVHandlers, WritePath
 from fluxkv.version import __version__
@@ -108,6 +110,11 @@ class Node:
         if settings.etcd_endpoints:
             peers = tls.peer_tls(settings) if tls.serves_tls(settings) else None
             self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing, peers)
+        # Tokens (FLUX_AUTH_TOKENS_FILE): TokensFileError here if the file is bad (main() checks it first).
+        self.auth: NodeAuth | None = None
+        if settings.auth_tokens_file:
+            self.auth = NodeAuth(settings.auth_tokens_file)
+            self.metrics.register(self.auth.collect)
         # Readiness: serving, and not yet stopping (and, with etcd, registered).
         self._serving = False
         self._stopping = False
@@ -122,6 +129,11 @@ class Node:
             }
             if self.profiler is not None:
                 pages |= self.profiler.pages()
+            if self.auth is not None:  # /healthz and /readyz stay open for probes
+                guard = self.auth.page
+                pages["/metrics"] = guard(pages["/metrics"], None, "/metrics")
+                if self.profiler is not None:
+                    pages |= {path: guard(pages[path], Role.ADMIN, path) for path in self.profiler.pages()}
             context = tls.server_ssl_context(settings) if tls.serves_tls(settings) else None
             self.admin = AdminServer(settings.host, settings.admin_port, pages, context)
         writes = WritePath(gate, self.aof)
@@ -143,6 +155,8 @@ class Node:
         }
         if self.router is not None:
             services = self.router.forwarding(services)
+        if self.auth is not None:  # outermost: a call is checked before it is forwarded
+            services = self.auth.guard(services)
         self._transport = GrpcTransport(
             services,
             settings.max_message_bytes,
@@ -150,6 +164,7 @@ class Node:
             tracing,
             grpc_server_of(settings),
             tls.server_credentials(settings) if tls.serves_tls(settings) else None,
+            authorize=None if self.auth is None else self.auth.check_metadata,
         )
 
     @property
@@ -441,6 +456,9 @@ class Node:
             if self.profiler is not None:
                 profiling = self.profiler.describe()
             admin = ("admin", "running", f"{self.admin.url}: /metrics, /healthz, /readyz; {profiling}")
+        auth = ("auth", "disabled", "FLUX_AUTH_TOKENS_FILE is empty: calls need no token")
+        if self.auth is not None:
+            auth = ("auth", "enabled", self.auth.describe())
         grpc = (
             "grpc",
             self._transport.server,
@@ -456,6 +474,7 @@ class Node:
             etcd,
             admin,
             aof,
+            auth,
             grpc,
         ]
 
@@ -575,6 +594,8 @@ async def serve(settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
+    if node.auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, node.auth.reload)
     try:
         await node.start()
     except OSError as exc:
@@ -666,6 +687,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"fluxkv {__version__}")
     config.add_arguments(parser)
     settings = config.parse_args(argv, os.environ, parser)
+    if settings.auth_tokens_file:
+        try:
+            load_tokens(settings.auth_tokens_file)
+        except TokensFileError as exc:
+            parser.exit(2, f"{parser.prog}: error: invalid {TOKENS_SETTING}: {exc}\n")
     logs.configure(settings.log_level, settings.log_format)
     for name in config.unknown_variables(os.environ):
         log.warning("ignoring %s: no such setting", name)

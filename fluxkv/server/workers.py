@@ -10,7 +10,9 @@ environment. A worker that exits on its own is started again (after 1 s,
 doubling up to 30 s with jitter while it keeps failing fast) and the parent logs it;
 SIGTERM or SIGINT to the parent stops every worker gracefully (each one
 deregisters, drains and flushes as a single node does), and so does the
-parent's death by any signal (on Linux).
+parent's death by any signal (on Linux). With FLUX_AUTH_TOKENS_FILE, SIGHUP
+to the parent goes on to every worker, each of which reloads the file. The
+parent makes no gRPC call to its workers, so it needs no token of its own.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ async def supervise(settings: config.Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     workers = [_Worker(i, worker_environment(settings, i)) for i in range(settings.workers)]
+    if settings.auth_tokens_file:  # each worker reloads its tokens itself
+        loop.add_signal_handler(signal.SIGHUP, _pass_on, workers, signal.SIGHUP)
     for w in workers:
         await w.start()
     log.info("supervising %d workers", len(workers), extra={"event": "supervising"})
@@ -105,6 +109,13 @@ async def supervise(settings: config.Settings) -> int:
     log.info("every worker stopped", extra={"event": "workers_stopped"})
     # -SIGTERM: a worker still starting (no handler yet, nothing served) ended by our signal.
     return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+
+
+def _pass_on(workers: list[_Worker], sig: signal.Signals) -> None:
+    log.info("passing %s on to %d workers", sig.name, len(workers), extra={"event": "signal", "signal": sig.name})
+    for w in workers:
+        if w.proc is not None and w.proc.returncode is None:
+            w.proc.send_signal(sig)
 
 
 async def _keep_running(worker: _Worker, stop: asyncio.Event) -> int:

@@ -253,6 +253,7 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
         ("etcd", "disabled"),
         ("admin", "running"),
         ("aof", "disabled"),
+        ("auth", "disabled"),
         ("grpc", grpc_server),
     ]
     served = f"{server_version(grpc_server)} serves {node.address} (FLUX_GRPC_SERVER={grpc_server}, "
