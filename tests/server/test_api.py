@@ -256,7 +256,7 @@ async def test_info_describes_the_node(node: Node, kv: kv_pb2_grpc.KVStub, grpc_
         ("auth", "disabled"),
         ("grpc", grpc_server),
     ]
-    served = f"{server_version(grpc_server)} serves {node.address} (FLUX_GRPC_SERVER={grpc_server}, "
+    served = f"{server_version(grpc_server)} serves {node.address} in plaintext (FLUX_GRPC_SERVER={grpc_server}, "
     assert info.subsystems[-1].detail == f"{served}FLUX_EVENT_LOOP=auto) on asyncio's event loop"  # pytest's loop
 
 

@@ -29,7 +29,7 @@ def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 def test_starts_standalone_and_says_so(server: ServerProcess, grpc_server: str) -> None:
     served_by = server_version(grpc_server)
-    assert f"(gRPC on {served_by}, no etcd registration, no CDC publishing, no persistence)" in server.log
+    assert f"(gRPC on {served_by} in plaintext, no etcd registration, no CDC publishing, no persistence)" in server.log
     assert server.address.startswith("127.0.0.1:")
 
     async def grpc_subsystem() -> str:
