@@ -71,7 +71,7 @@ class Settings:
     etcd_cert_file: str = ""
     etcd_key_file: str = ""
     etcd_username: str = ""
-    etcd_password: str = ""
+    etcd_password: str = dataclasses.field(default="", repr=False)  # never in a repr, so never in a log
     etcd_prefix: str = "/services/kv-service/"
     etcd_lease_ttl_s: int = 5
     etcd_timeout_s: float = 5.0

@@ -123,3 +123,9 @@ def test_rabbitmq_tls_files_with_an_amqps_url_are_accepted(certificates: Certifi
         certificates.client_cert,
         certificates.client_key,
     )
+
+
+def test_the_etcd_password_is_not_in_the_settings_repr() -> None:
+    s = config.load({}, {"FLUX_ETCD_USERNAME": "fluxkv", "FLUX_ETCD_PASSWORD": "s3cret-of-the-test"})
+    assert s.etcd_password == "s3cret-of-the-test"
+    assert "s3cret-of-the-test" not in repr(s) and "fluxkv" in repr(s)
