@@ -94,6 +94,7 @@ def main() -> int:
     for name, figure, target, met in rows:
         print(f"{name:<{width}}  {figure:<62} target {target:<12} {'met' if met else 'MISSED'}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             record: dict[str, Any] = {"bench": "issue14", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "machine": info, "loadavg_end": loadavg_end, "args": vars(args) | {"dir": None},
