@@ -1,6 +1,7 @@
 """h2load (Debian's nghttp2-client), a C HTTP/2 load generator, as a gRPC client:
-unary /fluxkv.v1.KV/Set calls with one gRPC-framed SetRequest as every request's
-body. It costs the machine far less per call than any Python client, so what it
+unary calls with one gRPC-framed request as every request's body (by default
+/fluxkv.v1.KV/Set with a SetRequest; a Call names another method and request).
+It costs the machine far less per call than any Python client, so what it
 measures is the server.
 
 h2load knows HTTP, not gRPC: a call answered HTTP 200 with a gRPC error status in
@@ -23,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import Message
+
+from fluxkv.bench.load import key_name
 from fluxkv.bench.server_probe import cpu_seconds
 from fluxkv.proto import kv_pb2
 
@@ -44,6 +48,45 @@ def grpc_frame(message: bytes) -> bytes:
 
 def set_body(value_size: int) -> bytes:
     return grpc_frame(kv_pb2.SetRequest(key=KEY, value=b"x" * value_size).SerializeToString())
+
+
+@dataclass(frozen=True)
+class Call:
+    """What every call of an h2load run sends: a method of fluxkv.v1.KV, its request, and
+    how many items (keys) the request carries."""
+
+    method: str  # "Set", "MultiGet", ...
+    request: Message
+    items: int = 1
+
+    @property
+    def path(self) -> str:
+        return f"/fluxkv.v1.KV/{self.method}"
+
+
+def batch_keys(items: int) -> list[str]:
+    """The keys of a batch call: fluxkv-bench's names, key:000000000000..."""
+    return [key_name(i) for i in range(items)]
+
+
+def unary_call(method: str, value_size: int) -> Call:
+    """Set of KEY with a value of `value_size` bytes, or Get of KEY."""
+    if method == "Set":
+        return Call(method, kv_pb2.SetRequest(key=KEY, value=b"x" * value_size))
+    if method == "Get":
+        return Call(method, kv_pb2.GetRequest(key=KEY))
+    raise ValueError(f"not a unary method h2load sends: {method}")
+
+
+def batch_call(method: str, items: int, value_size: int) -> Call:
+    """MultiSet or MultiGet of batch_keys(items) (MultiSet: values of `value_size` bytes)."""
+    keys = batch_keys(items)
+    if method == "MultiSet":
+        sets = [kv_pb2.SetRequest(key=key, value=b"x" * value_size) for key in keys]
+        return Call(method, kv_pb2.MultiSetRequest(items=sets), items)
+    if method == "MultiGet":
+        return Call(method, kv_pb2.MultiGetRequest(keys=keys), items)
+    raise ValueError(f"not a batch method h2load sends: {method}")
 
 
 @dataclass
@@ -68,8 +111,9 @@ def h2load(
     server_pid: int,
     tls: bool = False,
     headers: Sequence[str] = (),
+    call: Call | None = None,
 ) -> H2loadRun:
-    """`calls` unary Sets to each of `addresses` at once (one h2load process each, say one per
+    """`calls` unary Sets (or `call`s) to each of `addresses` at once (one h2load process each, say one per
     worker), over `connections` connections with up to `streams` calls in flight on each; server
     CPU per call from /proc of `server_pid` and its descendants (the workers). With `tls`, over
     TLS (h2load does not verify the server's certificate). `headers`: more request headers
@@ -79,7 +123,8 @@ def h2load(
         raise H2loadMissing(f"h2load is not on PATH (Debian: {INSTALL})")
     with tempfile.TemporaryDirectory(prefix="fluxkv-h2load-") as tmp:
         body = Path(tmp) / "body"
-        body.write_bytes(set_body(value_size))
+        body.write_bytes(set_body(value_size) if call is None else grpc_frame(call.request.SerializeToString()))
+        path = METHOD if call is None else call.path
         logs = [Path(tmp) / f"log-{i}.tsv" for i in range(len(addresses))]
         server_before, client_before = cpu_seconds(server_pid), _children_cpu_s()
         started = time.perf_counter()
@@ -90,7 +135,7 @@ def h2load(
         scheme = "https" if tls else "http"
         procs = [
             subprocess.Popen(
-                [tool, *options, f"--log-file={log}", f"{scheme}://{address}{METHOD}"],
+                [tool, *options, f"--log-file={log}", f"{scheme}://{address}{path}"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -118,7 +118,7 @@ async def handler_ops(mode: Mode, value: bytes, policy: str, directory: Path) ->
     if policy != "off":
         path = directory / f"hot-path-{policy}-{time.monotonic_ns()}.aof"
         aof = AppendOnlyFile(AofSettings(str(path), policy, 64 * MIB, 0, settings.aof_buffer_bytes), store)
-        aof.open(cdc=False)
+        aof.open()
         store.attach_sink(aof)
         aof.start()
     kv = KVHandlers(store, settings, _Node(), WritePath(None, aof), watch_hub=store._sinks[0])  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Reference server for bench/unary_set.py and bench/transport.py: a bare gRPC
-server answering /fluxkv.v1.KV/Set with an empty SetResponse and doing nothing
+"""Reference server for bench/unary_set.py, bench/transport.py and bench/own_cost.py:
+a bare gRPC server answering /fluxkv.v1.KV/Set, Get, MultiSet and MultiGet with
+an empty response (the request parsed, nothing done with it) and doing nothing
 else, on grpc.aio or on pygrpc-native (--grpc-server) and on the event loop a node
 would choose (--event-loop, as the node's FLUX_EVENT_LOOP).
 
@@ -31,14 +32,33 @@ async def set_noop(request: kv_pb2.SetRequest, context: grpc.aio.ServicerContext
     return kv_pb2.SetResponse()
 
 
+async def get_noop(request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.GetResponse:
+    return kv_pb2.GetResponse()
+
+
+async def multi_set_noop(request: kv_pb2.MultiSetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.MultiSetResponse:
+    return kv_pb2.MultiSetResponse()
+
+
+async def multi_get_noop(request: kv_pb2.MultiGetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.MultiGetResponse:
+    return kv_pb2.MultiGetResponse()
+
+
+NOOPS = {
+    "Set": (set_noop, kv_pb2.SetRequest, kv_pb2.SetResponse),
+    "Get": (get_noop, kv_pb2.GetRequest, kv_pb2.GetResponse),
+    "MultiSet": (multi_set_noop, kv_pb2.MultiSetRequest, kv_pb2.MultiSetResponse),
+    "MultiGet": (multi_get_noop, kv_pb2.MultiGetRequest, kv_pb2.MultiGetResponse),
+}
+
+
 async def serve(host: str, port: int, grpc_server: str) -> None:
     server = SERVERS[grpc_server](options=[("grpc.so_reuseport", 0)])
     handlers = {
-        "Set": grpc.unary_unary_rpc_method_handler(
-            set_noop,
-            request_deserializer=kv_pb2.SetRequest.FromString,
-            response_serializer=kv_pb2.SetResponse.SerializeToString,
+        name: grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=request.FromString, response_serializer=response.SerializeToString
         )
+        for name, (fn, request, response) in NOOPS.items()
     }
     # Registered the same way as the node's transport, so both take the same path in grpcio.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

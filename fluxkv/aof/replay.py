@@ -16,6 +16,7 @@ from fluxkv.core.changes import ChangeRecord, Op
 from fluxkv.core.store import Store, wall_clock_ms
 
 log = logging.getLogger("fluxkv.aof")
+_SET = Op.SET
 
 
 class ReplayResult(NamedTuple):
@@ -51,16 +52,17 @@ def replay(path: str, store: Store, now_ms: int | None = None) -> ReplayResult |
             offset, size, record = item
             end = offset + size
             if isinstance(record, ChangeRecord):
-                if header is None or record.revision <= last_change:
-                    raise AofCorrupt(path, offset, f"revision {record.revision} follows {last_change}: out of order")
+                rev, op, key, value, expires_at, _, _ = record
+                if header is None or rev <= last_change:
+                    raise AofCorrupt(path, offset, f"revision {rev} follows {last_change}: out of order")
                 if last_change == 0:
                     tail_offset = offset
-                last_change = record.revision
-                if record.op is Op.SET and not (record.expires_at_ms and record.expires_at_ms <= now):
-                    assert record.value is not None
-                    load(record.key, record.value, record.revision, record.expires_at_ms)
+                last_change = rev
+                if op is _SET and not (expires_at and expires_at <= now):
+                    assert value is not None
+                    load(key, value, rev, expires_at)
                 else:
-                    unload(record.key)
+                    unload(key)
             elif isinstance(record, Snapshot):
                 if header is None or last_change:
                     raise AofCorrupt(path, offset, "a snapshot record out of place")
