@@ -12,6 +12,8 @@ sent: every Set of the same key takes the next revision).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
@@ -21,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -170,3 +172,20 @@ def _children_cpu_s() -> float:
     """CPU time of this process's waited-for children: h2load, once it has exited."""
     times = os.times()
     return times.children_user + times.children_system
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """h2load's load shape, as the benchmarks that drive it take it."""
+    p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
+    p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
+
+
+def append_record(
+    path: str, bench: str, info: dict[str, object], args: argparse.Namespace, runs: dict[str, list[H2loadRun]],
+    checks: dict[str, str],
+) -> None:  # fmt: skip
+    """Append one JSON line: the benchmark, the machine, its arguments, every run and every check."""
+    record = {"bench": bench, "time": time.time(), "machine": info, "args": vars(args),
+              "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "checks": checks}  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -34,7 +34,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from h2load import Call, batch_call, h2load, unary_call  # noqa: E402
+from h2load import Call, add_load_arguments, batch_call, h2load, unary_call  # noqa: E402
 from unary_set import Server  # noqa: E402
 
 from fluxkv.bench.report import machine  # noqa: E402
@@ -69,8 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--value-size", type=int, default=100, help="value size in bytes (default 100)")
     p.add_argument("--methods", type=methods_arg, default=["Set"], help="comma-separated (default Set)")
     p.add_argument("--aof", type=policies_arg, default=["off"], help="nodes' AOF policies, comma-separated (off)")
-    p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
-    p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
+    add_load_arguments(p)
 
 
 def node_servers(roots: Sequence[Path], policies: Sequence[str], directory: Path) -> list[Server]:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -31,7 +28,7 @@ import trustme
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from h2load import H2loadRun, h2load  # noqa: E402
+from h2load import H2loadRun, add_load_arguments, append_record, h2load  # noqa: E402
 from transport import median_run  # noqa: E402
 from unary_set import Server, interrupt, row  # noqa: E402
 
@@ -143,10 +140,7 @@ async def main_async(args: argparse.Namespace) -> int:
     for name, check in checks.items():
         print(f"{name}: {check}")
     if args.json:
-        record = {"bench": "security", "time": time.time(), "machine": info, "args": vars(args),
-                  "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "checks": checks}  # fmt: skip
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(args.json, "security", info, args, runs, checks)
     return 1 if failed else 0
 
 
@@ -154,8 +148,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--calls", type=int, default=100_000, help="calls per node and round (default 100000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every node once (default 3)")
-    p.add_argument("--connections", type=int, default=4, help="h2load connections (default 4)")
-    p.add_argument("--streams", type=int, default=25, help="calls in flight per connection (default 25)")
+    add_load_arguments(p)
     p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
     p.add_argument("--json", metavar="FILE", help="append the result to FILE as one JSON line")
     args = p.parse_args()
