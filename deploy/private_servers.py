@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,14 +42,39 @@ _numbers = itertools.count(1)
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+# Ports handed out for a server to bind later come from below the kernel's ephemeral range: one taken from that
+# range (bind to port 0, then release it) can be given to any outgoing connection before its server binds it, as
+# a node's admin port once was in a CI run of the native stack ("address already in use").
+RESERVED_PORTS_FROM = 10_000
+_port_draws = random.SystemRandom()  # not the random module's state, which tests may seed
+
+
+def ephemeral_ports_from() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux's default when unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and not one rabbitmqctl uses; another process may still take it."""
+    """A TCP port on 127.0.0.1 that is free now, for a server to bind later: drawn at random below the kernel's
+    ephemeral range, so that no outgoing connection is given it meanwhile, and not one rabbitmqctl uses. A
+    process that binds the same port by its number may still take it first."""
+    below = ephemeral_ports_from()
     while True:
+        port = _port_draws.randrange(RESERVED_PORTS_FROM, below) if below > RESERVED_PORTS_FROM + 1000 else 0
+        if port in CLI_DIST_PORTS:
+            continue
         with socket.socket() as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port not in CLI_DIST_PORTS:
-            return port
+            try:
+                sock.bind((HOST, port))
+            except OSError:  # taken (or in TIME_WAIT): draw another
+                continue
+            chosen: int = sock.getsockname()[1]
+        if chosen not in CLI_DIST_PORTS:
+            return chosen
 
 
 class PrivateServerError(RuntimeError):

@@ -12,7 +12,14 @@ import aio_pika
 import pytest
 from aio_pika import DeliveryMode, Message
 
-from deploy.private_servers import RabbitBroker, RabbitBrokerError
+from deploy.private_servers import (
+    CLI_DIST_PORTS,
+    RESERVED_PORTS_FROM,
+    RabbitBroker,
+    RabbitBrokerError,
+    ephemeral_ports_from,
+    free_port,
+)
 
 SYSTEM_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE = "fluxkv-durable"
@@ -94,3 +101,13 @@ async def test_a_broker_with_its_own_user_leaves_nothing_behind() -> None:
         assert pid is not None
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_free_ports_are_drawn_below_the_range_outgoing_connections_take_theirs_from() -> None:
+    below = ephemeral_ports_from()
+    ports = [free_port() for _ in range(50)]
+    assert all(RESERVED_PORTS_FROM <= port < below for port in ports)
+    assert not set(ports) & set(CLI_DIST_PORTS)
+    for port in ports[:5]:  # each was free: a server can bind it
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
