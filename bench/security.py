@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc
 import pygrpc_native
 import trustme
 
@@ -34,7 +33,7 @@ from unary_set import Server, interrupt, row  # noqa: E402
 
 from fluxkv.bench.report import machine  # noqa: E402
 from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
-from fluxkv.security.tls import TLS  # noqa: E402
+from fluxkv.security.tls import TLS, aio_channel  # noqa: E402
 
 NODE = [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0"]
 PLAIN_NATIVE, PLAIN_GRPCIO, TLS_GRPCIO = "native", "grpcio", "grpcio+tls"
@@ -55,12 +54,7 @@ def certificates(directory: Path) -> dict[str, str]:
 
 
 async def revision(address: str, tls: TLS | None) -> int:
-    channel = (
-        grpc.aio.insecure_channel(address)
-        if tls is None
-        else grpc.aio.secure_channel(address, tls.channel_credentials())
-    )
-    async with channel:
+    async with aio_channel(address, None if tls is None else tls.channel_credentials()) as channel:
         info = await kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=10)
     return int(info.revision)
 

@@ -67,7 +67,7 @@ from fluxkv.proto import kv_pb2 as pb
 from fluxkv.proto import kv_pb2_grpc
 from fluxkv.rpc import status as rpc_status
 from fluxkv.rpc.spans import client_failed, client_span
-from fluxkv.security.tls import TLS
+from fluxkv.security.tls import TLS, aio_channel
 from fluxkv.version import __version__
 
 T = TypeVar("T")
@@ -544,10 +544,7 @@ class Client:
         if entry is None:
             if node not in self._ring.nodes:  # it left: keep no channel to it
                 raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the node left the cluster", node)
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(node, options=_CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.secure_channel(node, self._credentials, options=_CHANNEL_OPTIONS)
+            channel = aio_channel(node, self._credentials, _CHANNEL_OPTIONS)
             entry = self._channels[node] = (channel, kv_pb2_grpc.KVStub(channel))  # type: ignore[no-untyped-call]
         return entry[1]
 

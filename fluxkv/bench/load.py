@@ -31,7 +31,7 @@ from fluxkv.bench.h2_engine import Failure
 from fluxkv.bench.histogram import Histogram
 from fluxkv.cluster.hash_ring import HashRing
 from fluxkv.proto import etcd_api_pb2, kv_pb2
-from fluxkv.security.tls import TLS
+from fluxkv.security.tls import TLS, aio_channel
 
 CONNECT_TIMEOUT_S = 3.0
 PRELOAD_IN_FLIGHT = 16
@@ -224,15 +224,8 @@ class GrpcioConnections:
     def __init__(self, nodes: Sequence[str], conns: int, tls: TLS | None, metadata: Sequence[tuple[str, str]]) -> None:
         self.nodes = list(nodes)
         self._metadata = tuple(metadata) or None
-        if tls is None:
-            self._channels = [
-                [grpc.aio.insecure_channel(n, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes
-            ]
-        else:
-            credentials = tls.channel_credentials()
-            self._channels = [
-                [grpc.aio.secure_channel(n, credentials, options=CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes
-            ]
+        credentials = None if tls is None else tls.channel_credentials()
+        self._channels = [[aio_channel(n, credentials, CHANNEL_OPTIONS) for _ in range(conns)] for n in nodes]
 
     def calls(self, rpc: Rpc, timeout_s: float) -> list[list[Call]]:
         metadata = self._metadata

@@ -82,11 +82,7 @@ def _run(args: argparse.Namespace, client_tls: tls.TLS | None) -> int:
         status = SUCCESS
         for address in _nodes(args) if args.etcd else [args.addr]:
             args.addr = address  # for the error messages
-            with (
-                grpc.insecure_channel(address, options=options)
-                if credentials is None
-                else grpc.secure_channel(address, credentials, options=options)
-            ) as channel:
+            with tls.channel(address, credentials, options) as channel:
                 kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]  # generated code has no annotations
                 status = max(status, args.run(kv, args))
         sys.stdout.flush()

@@ -34,7 +34,7 @@ from fluxkv.obs.tracing import Tracing
 from fluxkv.rpc import call_context
 from fluxkv.rpc import status as rpc_status
 from fluxkv.rpc.spans import client_failed, client_span
-from fluxkv.security.tls import TLS
+from fluxkv.security.tls import TLS, aio_channel
 
 DEFAULT_TIMEOUT_S = 10.0
 # The calls about one key, by service: each is served by the key's owner.
@@ -111,11 +111,7 @@ class Router:
         caller's deadline; its answer, of the method's response type."""
         channel = self._channels.get(owner)
         if channel is None:
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(owner, options=self._options)
-            else:
-                channel = grpc.aio.secure_channel(owner, self._credentials, options=self._options)
-            self._channels[owner] = channel
+            channel = self._channels[owner] = aio_channel(owner, self._credentials, self._options)
         name = f"{method.containing_service.full_name}/{method.name}"
         response = message_factory.GetMessageClass(method.output_type)
         call = channel.unary_unary(f"/{name}", request_serializer=_serialize, response_deserializer=response.FromString)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -74,8 +76,11 @@ def serves_tls(settings: Settings) -> bool:
     return bool(settings.tls_cert_file)
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """The gRPC port's credentials: the node's certificate and, with a client CA, mutual TLS."""
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The gRPC port's credentials: the node's certificate and, with a client CA, mutual TLS (None: the
+    node serves plaintext)."""
+    if not serves_tls(settings):
+        return None
     client_ca = _read(settings.tls_client_ca_file)
     return grpc.ssl_server_credentials(
         [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
@@ -84,17 +89,22 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def server_ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The admin port's context: the gRPC port's certificate. It asks for no client certificate, even
-    under mutual TLS, so that probes reach /healthz and /readyz; tokens guard the other pages."""
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The admin port's context: the gRPC port's certificate (None: the node serves plaintext). It asks for
+    no client certificate, even under mutual TLS, so that probes reach /healthz and /readyz; tokens guard the
+    other pages."""
+    if not serves_tls(settings):
+        return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     return context
 
 
-def peer_tls(settings: Settings) -> TLS:
+def peer_tls(settings: Settings) -> TLS | None:
     """How a node reaches another node over TLS: it verifies the peer with FLUX_TLS_CA_FILE
-    and, when nodes ask for client certificates, presents its own."""
+    and, when nodes ask for client certificates, presents its own (None: nodes serve plaintext)."""
+    if not serves_tls(settings):
+        return None
     mutual = bool(settings.tls_client_ca_file)
     return TLS(
         ca_file=settings.tls_ca_file,
@@ -109,6 +119,24 @@ def etcd_tls(settings: Settings) -> TLS | None:
     if not (settings.etcd_ca_file or settings.etcd_cert_file):
         return None
     return TLS(settings.etcd_ca_file, settings.etcd_cert_file, settings.etcd_key_file)
+
+
+def aio_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target`: over TLS with `credentials`, in plaintext without."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """A blocking grpc channel to `target`: over TLS with `credentials`, in plaintext without."""
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def _read(path: str) -> bytes | None:

@@ -31,9 +31,7 @@ def node_address(settings: config.Settings) -> str:
 def check(address: str, timeout: float = TIMEOUT_S, peer: TLS | None = None) -> str | None:
     """None when the node at `address` (over TLS as `peer`, or in plaintext) is SERVING, else why not."""
     try:
-        with (
-            grpc.insecure_channel(address) if peer is None else grpc.secure_channel(address, peer.channel_credentials())
-        ) as channel:
+        with tls.channel(address, None if peer is None else peer.channel_credentials()) as channel:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     except grpc.RpcError as exc:
         return f"{address}: {exc.code().name}: {exc.details()}"
@@ -49,7 +47,7 @@ def main() -> None:
         sys.exit(f"unhealthy: {exc}")
     if settings.port == 0:
         sys.exit("unhealthy: FLUX_SERVER_PORT is 0 (a free port): no port to check")
-    reason = check(node_address(settings), peer=tls.peer_tls(settings) if tls.serves_tls(settings) else None)
+    reason = check(node_address(settings), peer=tls.peer_tls(settings))
     if reason is not None:
         sys.exit(f"unhealthy: {reason}")
 

@@ -108,8 +108,7 @@ class Node:
         self._cluster_tasks: list[asyncio.Task[None]] = []
         self.router: Router | None = None
         if settings.etcd_endpoints:
-            peers = tls.peer_tls(settings) if tls.serves_tls(settings) else None
-            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing, peers)
+            self.router = Router("", settings.ring_vnodes, settings.max_message_bytes, tracing, tls.peer_tls(settings))
         # Tokens (FLUX_AUTH_TOKENS_FILE): TokensFileError here if the file is bad (main() checks it first).
         self.auth: NodeAuth | None = None
         if settings.auth_tokens_file:
@@ -134,8 +133,7 @@ class Node:
                 pages["/metrics"] = guard(pages["/metrics"], None, "/metrics")
                 if self.profiler is not None:
                     pages |= {path: guard(pages[path], Role.ADMIN, path) for path in self.profiler.pages()}
-            context = tls.server_ssl_context(settings) if tls.serves_tls(settings) else None
-            self.admin = AdminServer(settings.host, settings.admin_port, pages, context)
+            self.admin = AdminServer(settings.host, settings.admin_port, pages, tls.server_ssl_context(settings))
         writes = WritePath(gate, self.aof)
         kv = KVHandlers(self.store, settings, self, writes, watch_hub=self.watch_hub, router=self.router)
         compat = CompatHandlers(self.store, settings, writes)
@@ -163,7 +161,7 @@ class Node:
             requests,
             tracing,
             grpc_server_of(settings),
-            tls.server_credentials(settings) if tls.serves_tls(settings) else None,
+            tls.server_credentials(settings),
             authorize=None if self.auth is None else self.auth.check_metadata,
         )
 
