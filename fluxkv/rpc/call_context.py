@@ -37,18 +37,18 @@ def time_remaining() -> float | None:
 
 def forwarded() -> bool:
     """Whether another node forwarded the current call to this one."""
-    call = current.get()
-    if call is None:
-        return False
-    return any(key == FORWARDED_BY for key, _ in call.invocation_metadata() or ())
+    return metadata_value(FORWARDED_BY) is not None
 
 
 def metadata_value(key: str) -> str | bytes | None:
     """The value of the current call's first metadata entry `key`; None without one (or outside a call)."""
     call = current.get()
-    if call is None:
-        return None
-    for k, value in call.invocation_metadata() or ():
+    return None if call is None else value_in(call.invocation_metadata(), key)
+
+
+def value_in(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | bytes | None:
+    """The value of the first entry `key` of `metadata`; None without one."""
+    for k, value in metadata or ():
         if k == key:
             return value
     return None

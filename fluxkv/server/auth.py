@@ -101,7 +101,7 @@ class NodeAuth:
 
     def check_metadata(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         """Any valid token (for reflection); KVError otherwise."""
-        self.authorizer.identify(_value(metadata))
+        self.authorizer.identify(call_context.value_in(metadata, _AUTHORIZATION))
 
     # -- the admin port --------------------------------------------------------
 
@@ -151,13 +151,6 @@ class NodeAuth:
             accepted,
             reloads,
         ]
-
-
-def _value(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | bytes | None:
-    for key, value in metadata or ():
-        if key == _AUTHORIZATION:
-            return value
-    return None
 
 
 def _guard_unary(
