@@ -109,8 +109,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         server_cpu_s=watch.server_cpu_s,
         interrupted=interrupted,
     )
-    # The flags as given, but never the token: only whether one was sent.
-    flags = {name: value for name, value in vars(args).items() if name != "client_tls"}
+    # The flags as given, but never the token (only whether one was sent) nor etcd's credentials.
+    flags = {name: value for name, value in vars(args).items() if name not in ("client_tls", "etcd_access")}
     flags["token"] = bool(args.token)
     record = to_json(result, flags, nodes, machine())
     print(summary(record), flush=True)
@@ -335,7 +335,7 @@ def _nodes(args: argparse.Namespace) -> list[str]:
     from fluxkv.cluster.etcd_client import EtcdError
     from fluxkv.security.tls import etcd_tls
 
-    access = load_etcd_access(os.environ)  # parse_args checked it; not kept in args, which the JSON result records
+    access: Settings = args.etcd_access
 
     async def read() -> list[str]:
         async with EtcdNodes(
@@ -573,9 +573,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--target etcd sends -t set or get (as Put and Range), not -t {args.workload}")
         if args.etcd or len(args.addr) != 1:
             parser.error("--target etcd needs exactly one --addr: the etcd endpoint to load")
+    args.etcd_access = None
     if args.etcd:
         try:
-            load_etcd_access(os.environ)
+            args.etcd_access = load_etcd_access(os.environ)
         except ConfigError as exc:
             parser.error(str(exc))
     if args.concurrency < args.conns * args.processes:

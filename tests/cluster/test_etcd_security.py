@@ -371,6 +371,7 @@ async def test_workers_the_command_line_the_benchmark_and_the_blocking_client_re
         assert bench.returncode == 0, bench.stderr
         record = json.loads(out.read_text())
         assert len(record["nodes"]) == 2 and (record["successes"], record["failures"]) == (200, {})
+        assert PASSWORD not in out.read_text()  # etcd's credentials stay out of the result
 
         def blocking() -> KeyValue | None:
             client_tls = TLS(certificates.ca, certificates.client_cert, certificates.client_key)
