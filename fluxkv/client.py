@@ -37,6 +37,8 @@ the fan-out and the merging of watch streams, with threads in place of tasks.
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
 import threading
 from collections import deque
 from collections.abc import (
@@ -147,6 +149,18 @@ class SetResult:
     applied: bool
     revision: int
     created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """delete's outcome: whether a key was deleted, and the revision of the deletion
+    (when nothing was deleted: the node's revision then). True when deleted."""
+
+    deleted: bool
+    revision: int
+
+    def __bool__(self) -> bool:
+        return self.deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +291,14 @@ _OPS: dict[int, Op] = {
 # -- the asyncio client -----------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Binding:
+    """What a client shares with its with_token() views: the loop they serve, and whether they are closed."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    closed: bool = False
+
+
 class Client:
     """A FluxKV cluster, from asyncio. Use it from one event loop (the first one
     it is used in) and close it, or use `async with Client(...) as client:`.
@@ -317,9 +339,8 @@ class Client:
         self._credentials = None if tls is None else tls.channel_credentials()
         self._auth = [] if token is None else [("authorization", f"Bearer {token}")]
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # node -> (channel, KVStub)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._binding = _Binding()
         self._closing: set[asyncio.Task[None]] = set()  # channels of departed nodes, finishing their calls
-        self._closed = False
 
     async def __aenter__(self) -> Self:
         return self
@@ -331,10 +352,25 @@ class Client:
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled). Closing again does nothing."""
-        self._closed = True
+        self._binding.closed = True
         channels = [channel for channel, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(channel.close() for channel in channels), *self._closing)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The nodes' addresses now, in address order. Read it on the client's event loop."""
+        return sorted(self._bound_ring().nodes)
+
+    def with_token(self, token: str | None) -> Client:
+        """This client sending `token` (None: no token) instead of its own, over the
+        same channels and ring: for a program that passes each of its callers' tokens
+        on (fluxkv-gateway). Cheap enough to make one per call; closing any of them
+        closes them all. Call it on the client's event loop."""
+        self._bound_ring()  # bound first, so that the copy does not listen to the source again
+        view = copy.copy(self)
+        view._auth = [] if token is None else [("authorization", f"Bearer {token}")]
+        return view
 
     # -- single keys
 
@@ -360,12 +396,12 @@ class Client:
         answer: pb.SetResponse = await self._on_owner(key, "Set", request, timeout)
         return answer.revision
 
-    async def delete(self, key: str, expect_revision: int | None = None, *, timeout: float | None = None) -> bool:
-        """Delete the key; False if it did not exist. With `expect_revision` (> 0),
-        delete only if the key is at that revision, else raise ConditionFailed."""
+    async def delete(self, key: str, expect_revision: int | None = None, *, timeout: float | None = None) -> Deleted:
+        """Delete the key; the outcome is false if it did not exist. With `expect_revision`
+        (> 0), delete only if the key is at that revision, else raise ConditionFailed."""
         request = pb.DeleteRequest(key=key, expect_revision=expect_revision)
         answer: pb.DeleteResponse = await self._on_owner(key, "Delete", request, timeout)
-        return answer.deleted
+        return Deleted(answer.deleted, answer.revision)
 
     # -- many keys
 
@@ -427,6 +463,53 @@ class Client:
             for item in page:
                 yield item
 
+    async def scan_page(
+        self,
+        prefix: str = "",
+        cursor: str = "",
+        *,
+        limit: int = 100,
+        include_values: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[list[KeyValue], str]:
+        """One page of scan(): at most `limit` keys from one node, and the cursor
+        of the next page ("" after the last page), for a caller that pages by
+        itself (fluxkv-gateway's scan route). A page is empty only when the scan
+        is over. The cursor is opaque and URL-safe; it names the node it resumes
+        on, and the scan goes on in address order, with the nodes known then.
+        A cursor that is not one gets InvalidRequest."""
+        node, node_cursor = _parse_scan_cursor(cursor) if cursor else (None, "")
+        members = self._members()
+        if node is None:
+            node = members[0]
+        elif node not in members:  # it left: go on with the next node in address order
+            node, node_cursor = next((m for m in members if m > node), None), ""
+        while node is not None:
+            request = pb.ScanRequest(prefix=prefix, cursor=node_cursor, limit=limit, include_values=include_values)
+            deadline = self._deadline(timeout)
+            page: pb.ScanResponse = await self._retrying(
+                partial(self._invoke, node, "Scan", request, deadline), deadline
+            )
+            items = [KeyValue(i.key, i.value, i.mod_revision, i.ttl_ms) for i in page.items]
+            if page.cursor:
+                return items, _scan_cursor(node, page.cursor)
+            node = next((m for m in self._members() if m > node), None)
+            if items:
+                return items, _scan_cursor(node, "") if node is not None else ""
+            node_cursor = ""
+        return [], ""
+
+    async def revisions(self, *, timeout: float | None = None) -> dict[str, int]:
+        """Each node's current revision, by address (from its Info): a watch from
+        each one + 1 misses no change made after this call, and has a position
+        for every node to resume from, even one that has no change to send yet."""
+        nodes = self._members()
+        deadline = self._deadline(timeout)
+        answers: list[pb.InfoResponse] = await _all(
+            self._retrying(partial(self._invoke, node, "Info", pb.InfoRequest(), deadline), deadline) for node in nodes
+        )
+        return {node: answer.revision for node, answer in zip(nodes, answers, strict=True)}
+
     def watch(
         self, prefix: str = "", start_revision: int | Mapping[str, int] = 0, *, timeout: float | None = None
     ) -> Watch:
@@ -441,18 +524,14 @@ class Client:
     async def _scan_pages(
         self, prefix: str, include_values: bool, page_size: int, timeout: float | None
     ) -> AsyncGenerator[list[KeyValue], None]:
-        for node in self._members():
-            cursor = ""
-            while True:
-                request = pb.ScanRequest(prefix=prefix, cursor=cursor, limit=page_size, include_values=include_values)
-                deadline = self._deadline(timeout)
-                page: pb.ScanResponse = await self._retrying(
-                    partial(self._invoke, node, "Scan", request, deadline), deadline
-                )
-                yield [KeyValue(i.key, i.value, i.mod_revision, i.ttl_ms) for i in page.items]
-                cursor = page.cursor
-                if not cursor:
-                    break
+        cursor = ""
+        while True:
+            page, cursor = await self.scan_page(
+                prefix, cursor, limit=page_size, include_values=include_values, timeout=timeout
+            )
+            yield page
+            if not cursor:
+                break
 
     async def _on_owner(self, key: str, method: str, request: Message, timeout: float | None) -> Any:
         """Call `method` on the key's owner, looked up again on every attempt."""
@@ -568,26 +647,26 @@ class Client:
 
     def _bound_ring(self) -> HashRing:
         """The ring, after binding the client to the running loop on first use."""
-        if self._closed:
+        if self._binding.closed:
             raise RuntimeError("the client is closed")
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
+        if self._binding.loop is None:
+            self._binding.loop = loop
             # Listen first, then read: a change in between comes after, and the
             # listener applies every set in order, on this loop.
             self._source.on_change(self._changed)
             self._apply(frozenset(self._source.addresses))
-        elif loop is not self._loop:
+        elif loop is not self._binding.loop:
             raise RuntimeError("a Client serves the event loop it was first used in; make one per loop")
         return self._ring
 
     def _changed(self, addresses: Collection[str]) -> None:
         """The source's listener, on any thread: apply the change on the client's loop."""
-        if not self._closed and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._apply, frozenset(addresses))
+        if not self._binding.closed and self._binding.loop is not None:
+            self._binding.loop.call_soon_threadsafe(self._apply, frozenset(addresses))
 
     def _apply(self, addresses: frozenset[str]) -> None:
-        if self._closed:
+        if self._binding.closed:
             return
         for node in self._ring.nodes - addresses:
             self._ring.remove(node)
@@ -810,7 +889,7 @@ class SyncClient:
         """See Client.set."""
         return self._run(self._client.set, key, value, ttl_ms, expect_revision, timeout=timeout)
 
-    def delete(self, key: str, expect_revision: int | None = None, *, timeout: float | None = None) -> bool:
+    def delete(self, key: str, expect_revision: int | None = None, *, timeout: float | None = None) -> Deleted:
         """See Client.delete."""
         return self._run(self._client.delete, key, expect_revision, timeout=timeout)
 
@@ -884,6 +963,21 @@ class SyncWatch:
 
 
 # -- helpers ----------------------------------------------------------------------
+
+
+def _scan_cursor(node: str, node_cursor: str) -> str:
+    return base64.urlsafe_b64encode(f"{node}\n{node_cursor}".encode()).decode("ascii")
+
+
+def _parse_scan_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        node, newline, node_cursor = base64.urlsafe_b64decode(cursor.encode("ascii")).decode().partition("\n")
+    except (ValueError, UnicodeError):
+        newline = ""
+    if not newline or not node:
+        shown = cursor if len(cursor) <= 64 else cursor[:64] + "..."
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"not a scan cursor: {shown!r}")
+    return node, node_cursor
 
 
 async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,17 +28,19 @@ from fluxkv import (
     InvalidRequest,
     KeyValue,
     NoNodes,
+    PermissionDenied,
     Retry,
     SetItem,
     SetResult,
     SyncClient,
+    Unauthenticated,
     Unavailable,
     WatchEvent,
 )
 from fluxkv.client import _error
 from fluxkv.cluster.hash_ring import HashRing
 from fluxkv.server.node import Node
-from tests.conftest import settings
+from tests.conftest import settings, write_tokens
 
 MIB = 1024 * 1024
 
@@ -121,9 +124,9 @@ async def test_each_key_goes_to_its_owner_on_the_ring() -> None:
             assert 0 < got.ttl_ms <= 600_000
         assert all(len(n.store) > 0 for n in c.nodes)
         assert await client.get("absent") is None
-        assert await client.delete("user:1") is True
+        assert (await client.delete("user:1")).deleted is True
         assert c.owner("user:1").store.get("user:1") is None
-        assert await client.delete("user:1") is False
+        assert (await client.delete("user:1")).deleted is False
 
 
 @pytest.mark.usefixtures("grpc_server")
@@ -184,7 +187,7 @@ async def test_failed_conditions_raise_condition_failed_with_the_current_revisio
         with pytest.raises(ConditionFailed) as info:
             await client.delete("absent", expect_revision=3)
         assert info.value.revision == 0
-        assert await client.delete("cas", expect_revision=second) is True
+        assert (await client.delete("cas", expect_revision=second)).deleted is True
 
         results = await client.multi_set(
             [SetItem("fresh", b"1", expect_revision=0), SetItem("fresh", b"2", expect_revision=0), ("plain", b"3")]
@@ -395,6 +398,60 @@ async def test_scan_returns_every_key_of_every_node_exactly_once() -> None:
 
 
 @pytest.mark.usefixtures("grpc_server")
+async def test_scan_pages_with_cursors_cover_every_node_and_a_bad_cursor_is_refused() -> None:
+    async with cluster(3) as c, Client(c.addresses) as client:
+        users = {f"user:{i:03}": b"u%d" % i for i in range(100)}
+        await client.multi_set(users)
+        found: list[KeyValue] = []
+        cursor, pages = "", 0
+        while True:
+            page, cursor = await client.scan_page("user:", cursor, limit=9)
+            assert page and len(page) <= 9  # a page is empty only when the scan is over
+            found += page
+            pages += 1
+            if not cursor:
+                break
+        assert sorted(kv.key for kv in found) == sorted(users) and len(found) == len(users)
+        assert all(kv.value == users[kv.key] for kv in found)
+        assert pages >= 100 // 9
+        assert await client.scan_page("nothing:") == ([], "")
+        for bad in ("{", "bm9kZQ", "A" * 200):
+            with pytest.raises(InvalidRequest, match="not a scan cursor"):
+                await client.scan_page("user:", bad)
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_revisions_and_nodes_name_every_node_and_its_revision() -> None:
+    async with cluster(2) as c, Client(c.addresses) as client:
+        assert client.nodes == sorted(c.addresses)
+        assert await client.revisions() == {a: 0 for a in c.addresses}
+        key = c.key_on(c.nodes[1])
+        revision = await client.set(key, b"v")
+        assert await client.revisions() == {c.addresses[0]: 0, c.addresses[1]: revision}
+        deleted = await client.delete(key)
+        assert deleted and (deleted.deleted, deleted.revision) == (True, revision + 1)
+        missing = await client.delete(key)
+        assert not missing and missing.revision == revision + 1  # the node's revision then
+
+
+@pytest.mark.usefixtures("grpc_server")
+async def test_a_token_view_sends_its_own_token_over_the_same_channels(tmp_path: Path) -> None:
+    secrets = write_tokens(tmp_path / "tokens.toml", {"writer": ("write", []), "reader": ("read", [])})
+    async with cluster(1, auth_tokens_file=str(tmp_path / "tokens.toml")) as c:
+        async with Client(c.addresses, token=secrets["reader"]) as client:
+            writer = client.with_token(secrets["writer"])
+            assert await writer.set("k", b"v") == 1
+            with pytest.raises(PermissionDenied):
+                await client.set("k", b"v")
+            with pytest.raises(Unauthenticated):
+                await client.with_token(None).get("k")
+            assert (await client.get("k")) is not None
+            assert writer._channels is client._channels and len(client._channels) == 1
+        with pytest.raises(RuntimeError, match="closed"):
+            await writer.get("k")  # closing the client closed its views
+
+
+@pytest.mark.usefixtures("grpc_server")
 async def test_watch_streams_the_changes_of_every_node_tagged_with_the_node() -> None:
     async with cluster(3) as c, Client(c.addresses) as client:
         async with client.watch("w:") as events:
@@ -500,7 +557,7 @@ def test_the_blocking_twin_does_what_the_client_does() -> None:
             ("w:1", "set", owner_of_w1),
             ("w:1", "delete", owner_of_w1),
         ]
-        assert client.delete("a") is True and client.get("a") is None
+        assert client.delete("a").deleted is True and client.get("a") is None
     with pytest.raises(RuntimeError, match="closed"):
         client.get("a")
     client.close()  # again: nothing
