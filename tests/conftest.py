@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from deploy.private_servers import BrokerTLS, EtcdServer, RabbitBroker
 from fluxkv import config
+from fluxkv.cluster.hash_ring import HashRing
 from fluxkv.obs.tracing import Tracing
 from fluxkv.proto import compat_kv_pb2_grpc, kv_pb2, kv_pb2_grpc
 from fluxkv.security import tokens as token_secrets
@@ -174,6 +175,44 @@ def revision_mismatch(error: grpc.aio.AioRpcError) -> dict[str, str]:
     assert detail.Unpack(info)
     assert (info.reason, info.domain) == ("REVISION_MISMATCH", "fluxkv")
     return dict(info.metadata)
+
+
+class Cluster:
+    """Nodes in this process, and which of them owns a key."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.addresses = [n.address for n in nodes]
+        self.ring = HashRing(self.addresses)
+        self.stopped: set[str] = set()
+
+    def owner(self, key: str) -> Node:
+        return self.nodes[self.addresses.index(self.ring.owner(key))]
+
+    def key_on(self, node: Node, prefix: str = "key") -> str:
+        """A key that `node` owns."""
+        return next(k for k in (f"{prefix}:{i}" for i in range(10_000)) if self.owner(k) is node)
+
+    async def stop(self, node: Node) -> None:
+        self.stopped.add(node.address)
+        await node.stop()
+
+
+@asynccontextmanager
+async def cluster(count: int, **overrides: object) -> AsyncIterator[Cluster]:
+    nodes: list[Node] = []
+    c = Cluster(nodes)
+    try:
+        for _ in range(count):
+            node = Node(settings(**overrides))
+            await node.start()
+            nodes.append(node)
+        c = Cluster(nodes)
+        yield c
+    finally:
+        for node in nodes:
+            if node.address not in c.stopped:
+                await node.stop()
 
 
 class ServerProcess:
