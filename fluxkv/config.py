@@ -89,6 +89,18 @@ class Settings:
     aof_rewrite_percent: int = 100
     aof_rewrite_min_bytes: int = 64 * MIB
     aof_buffer_bytes: int = 64 * MIB
+    gateway_port: int = 8080
+    gateway_nodes: tuple[str, ...] = ()
+    gateway_timeout_s: float = 5.0
+    gateway_max_body_bytes: int = 16 * MIB
+    gateway_rate_limit: float = 1000.0
+    gateway_rate_burst: int = 2000
+    gateway_breaker_min_requests: int = 10
+    gateway_breaker_failure_ratio: float = 0.5
+    gateway_breaker_window_s: float = 10.0
+    gateway_breaker_open_s: float = 5.0
+    gateway_max_in_flight: int = 100
+    gateway_access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,11 +197,11 @@ def _workers(text: str) -> int:
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
-    if value in ("true", "1", "yes"):
+    if value in ("true", "1", "yes", "on"):
         return True
-    if value in ("false", "0", "no"):
+    if value in ("false", "0", "no", "off"):
         return False
-    raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
+    raise ValueError(f"expected true or false (also 1/0, yes/no, on/off), got {text!r}")
 
 
 def _port_or_off(text: str) -> int | None:
@@ -531,6 +543,81 @@ SETTINGS: tuple[Setting, ...] = (
         "With everysec or no: most key and value bytes of changes waiting for the file's writer; past it, writes "
         "wait until it catches up.",
         _int(1),
+    ),
+    Setting(
+        "gateway_port",
+        "FLUX_GATEWAY_PORT",
+        "fluxkv-gateway: HTTP port on FLUX_SERVER_HOST for the JSON API, /health, /metrics and /openapi.json; 0 "
+        "picks a free port.",
+        _int(0, 65535),
+    ),
+    Setting(
+        "gateway_nodes",
+        "FLUX_GATEWAY_NODES",
+        "fluxkv-gateway: the nodes' gRPC addresses (host:port, comma-separated); empty finds them in etcd "
+        "(FLUX_ETCD_ENDPOINTS).",
+        _endpoints,
+    ),
+    Setting(
+        "gateway_timeout_s",
+        "FLUX_GATEWAY_TIMEOUT_S",
+        "fluxkv-gateway: deadline of each request's calls to the nodes, retries included, in seconds (504 past it).",
+        _float(0.001),
+    ),
+    Setting(
+        "gateway_max_body_bytes",
+        "FLUX_GATEWAY_MAX_BODY_BYTES",
+        "fluxkv-gateway: largest request body accepted, in bytes (413 over it).",
+        _int(1),
+    ),
+    Setting(
+        "gateway_rate_limit",
+        "FLUX_GATEWAY_RATE_LIMIT",
+        "fluxkv-gateway: API requests a second, for all callers together (429 over it); 0 sets no limit.",
+        _float(0),
+    ),
+    Setting(
+        "gateway_rate_burst",
+        "FLUX_GATEWAY_RATE_BURST",
+        "fluxkv-gateway: API requests allowed at once above FLUX_GATEWAY_RATE_LIMIT (the token bucket's size).",
+        _int(1),
+    ),
+    Setting(
+        "gateway_breaker_min_requests",
+        "FLUX_GATEWAY_BREAKER_MIN_REQUESTS",
+        "fluxkv-gateway: requests the circuit breaker must see in its window before it may open.",
+        _int(1),
+    ),
+    Setting(
+        "gateway_breaker_failure_ratio",
+        "FLUX_GATEWAY_BREAKER_FAILURE_RATIO",
+        "fluxkv-gateway: share of failed requests in the window (5xx: a node unavailable or past its deadline) "
+        "that opens the breaker.",
+        _float(0.001, 1.0),
+    ),
+    Setting(
+        "gateway_breaker_window_s",
+        "FLUX_GATEWAY_BREAKER_WINDOW_S",
+        "fluxkv-gateway: the circuit breaker's rolling window, in seconds.",
+        _float(0.01),
+    ),
+    Setting(
+        "gateway_breaker_open_s",
+        "FLUX_GATEWAY_BREAKER_OPEN_S",
+        "fluxkv-gateway: how long an open breaker answers 503 before it lets one trial request through.",
+        _float(0),
+    ),
+    Setting(
+        "gateway_max_in_flight",
+        "FLUX_GATEWAY_MAX_IN_FLIGHT",
+        "fluxkv-gateway: API requests in flight at most (not counting open watches); 503 over it.",
+        _int(1),
+    ),
+    Setting(
+        "gateway_access_log",
+        "FLUX_GATEWAY_ACCESS_LOG",
+        "fluxkv-gateway: log one line per request (JSON with FLUX_LOG_FORMAT=json): true (or on) or false.",
+        _bool,
     ),
 )
 

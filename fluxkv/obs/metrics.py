@@ -127,10 +127,25 @@ class MethodStats:
 
 
 class RequestMetrics:
-    """Every served method's MethodStats, and their metric families."""
+    """Every served method's MethodStats, and their metric families: by default a
+    node's RPCs; fluxkv-gateway's HTTP routes with `prefix` "fluxkv_gateway",
+    `label` "route", `ok` "200", `what` "HTTP requests served, by route and status code" and
+    `timed` "a request that is not a stream"."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        prefix: str = "fluxkv",
+        label: str = "method",
+        ok: str = "OK",
+        what: str = "RPCs served, by method and gRPC status code (Watch: when it ends)",
+        timed: str = "a unary RPC",
+    ) -> None:
         self._methods: list[MethodStats] = []
+        self._prefix = prefix
+        self._label = label
+        self._ok = ok
+        self._what = what
+        self._timed = timed
 
     def method(self, method: str, streaming: bool) -> MethodStats:
         stats = MethodStats(method, streaming)
@@ -138,27 +153,28 @@ class RequestMetrics:
         return stats
 
     def collect(self) -> list[Family]:
-        requests = Family(
-            "fluxkv_requests_total", "counter", "RPCs served, by method and gRPC status code (Watch: when it ends)."
-        )
+        label = self._label
+        requests = Family(f"{self._prefix}_requests_total", "counter", f"{self._what}.")
         latency = Family(
-            "fluxkv_request_duration_seconds", "histogram", "Time to serve a unary RPC, by method, in seconds."
+            f"{self._prefix}_request_duration_seconds",
+            "histogram",
+            f"Time to serve {self._timed}, by {label}, in seconds.",
         )
         for stats in self._methods:
             buckets = list(stats.buckets)  # one copy: the counts may move while we read
             total = stats.streams + sum(buckets)
             failed = dict(stats.failures)
-            requests.add(total - sum(failed.values()), method=stats.method, code="OK")
+            requests.add(total - sum(failed.values()), **{label: stats.method, "code": self._ok})
             for code, count in sorted(failed.items()):
-                requests.add(count, method=stats.method, code=code)
+                requests.add(count, **{label: stats.method, "code": code})
             if stats.streaming:
                 continue
             cumulative = 0
             for bound, count in zip((*LATENCY_BOUNDS, math.inf), buckets, strict=True):
                 cumulative += count
-                latency.samples.append(("_bucket", {"method": stats.method, "le": _value(bound)}, cumulative))
-            latency.samples.append(("_sum", {"method": stats.method}, stats.sum))
-            latency.samples.append(("_count", {"method": stats.method}, cumulative))
+                latency.samples.append(("_bucket", {label: stats.method, "le": _value(bound)}, cumulative))
+            latency.samples.append(("_sum", {label: stats.method}, stats.sum))
+            latency.samples.append(("_count", {label: stats.method}, cumulative))
         return [requests, latency]
 
 

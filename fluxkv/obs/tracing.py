@@ -169,6 +169,17 @@ class ServerSpan(NamedTuple):
                 span.set_status(Status(StatusCode.ERROR, status.name))
         span.end()
 
+    def end_http(self, status: int) -> None:
+        """End the span of an HTTP request (fluxkv-gateway's) that was answered with `status`."""
+        if self.token is not None:
+            otel_context.detach(self.token)
+        span = self.span
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(status)))
+        span.end()
+
 
 class Tracing:
     """A node's tracing: spans go to `exporter`, sampled parent-based at
@@ -187,9 +198,15 @@ class Tracing:
         self._ids = RandomIdGenerator()
         self._context_fields: set[str] = set()  # the metadata keys that carry a caller's context
 
-    def start(self, node_id: str) -> None:
+    @property
+    def provider(self) -> TracerProvider | None:
+        """The tracer provider, once started: a client SDK in the same process makes its spans with it."""
+        return self._provider
+
+    def start(self, node_id: str, service: str = "fluxkv") -> None:
+        """Build the tracer provider; `service` names the program (fluxkv-gateway's is "fluxkv-gateway")."""
         resource = Resource.create(
-            {"service.name": "fluxkv", "service.version": __version__, "service.instance.id": node_id}
+            {"service.name": service, "service.version": __version__, "service.instance.id": node_id}
         )
         # The node shuts the provider down itself, within a deadline.
         self._provider = TracerProvider(sampler=sampler(self.sample_ratio), resource=resource, shutdown_on_exit=False)

@@ -100,6 +100,16 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def gateway_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """fluxkv-gateway's HTTP port: the same certificate as a node's gRPC port and, with a client CA, mutual
+    TLS as there (None: plain HTTP)."""
+    context = server_ssl_context(settings)
+    if context is not None and settings.tls_client_ca_file:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def peer_tls(settings: Settings) -> TLS | None:
     """How a node reaches another node over TLS: it verifies the peer with FLUX_TLS_CA_FILE
     and, when nodes ask for client certificates, presents its own (None: nodes serve plaintext)."""

@@ -1,0 +1,3 @@
+from fluxkv.gateway.main import main
+
+main()
