@@ -22,9 +22,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -128,7 +129,7 @@ def h2load(
         body.write_bytes(set_body(value_size) if call is None else grpc_frame(call.request.SerializeToString()))
         path = METHOD if call is None else call.path
         logs = [Path(tmp) / f"log-{i}.tsv" for i in range(len(addresses))]
-        server_before, client_before = cpu_seconds(server_pid), _children_cpu_s()
+        server_before, client_before = cpu_seconds(server_pid), children_cpu_s()
         started = time.perf_counter()
         options = ["-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body),
                    "-H", "content-type: application/grpc", "-H", "te: trailers"]  # fmt: skip
@@ -146,7 +147,7 @@ def h2load(
         ]
         outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
         seconds = time.perf_counter() - started
-        server_cpu, client_cpu = cpu_seconds(server_pid) - server_before, _children_cpu_s() - client_before
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server_before, children_cpu_s() - client_before
         succeeded = 0
         for proc, (out, err) in zip(procs, outputs, strict=True):
             counts = _REQUESTS.search(out)
@@ -168,8 +169,8 @@ def h2load(
     )
 
 
-def _children_cpu_s() -> float:
-    """CPU time of this process's waited-for children: h2load, once it has exited."""
+def children_cpu_s() -> float:
+    """CPU time of this process's waited-for children: the load generator, once it has exited."""
     times = os.times()
     return times.children_user + times.children_system
 
@@ -181,11 +182,13 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def append_record(
-    path: str, bench: str, info: dict[str, object], args: argparse.Namespace, runs: dict[str, list[H2loadRun]],
-    checks: dict[str, str],
+    path: str, bench: str, info: dict[str, object], args: argparse.Namespace, runs: Mapping[str, Sequence[Any]],
+    checks: dict[str, str], **extra: object,
 ) -> None:  # fmt: skip
-    """Append one JSON line: the benchmark, the machine, its arguments, every run and every check."""
+    """Append one JSON line: the benchmark, the machine, its arguments, every run (dataclasses), every check, and
+    any `extra` fields (a summary)."""
     record = {"bench": bench, "time": time.time(), "machine": info, "args": vars(args),
-              "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "checks": checks}  # fmt: skip
+              "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "checks": checks,
+              **extra}  # fmt: skip
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

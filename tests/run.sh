@@ -6,16 +6,17 @@ cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,http-candidates]'
 
 # The etcd tests start etcd servers of their own (deploy/private_servers.py): Debian's etcd-server, with
 # etcd-client's etcdctl to set up etcd's auth; the benchmark suite's test drives a node with h2load (Debian's
-# nghttp2-client); tests/interop runs a client on Node.js's gRPC stack (Debian's nodejs and npm). Each installed
-# if missing.
+# nghttp2-client), bench/http_servers.py's test drives HTTP servers with Debian's wrk; tests/interop runs a client on
+# Node.js's gRPC stack (Debian's nodejs and npm). Each installed if missing.
 packages=()
 command -v etcd >/dev/null || packages+=(etcd-server)
 command -v etcdctl >/dev/null || packages+=(etcd-client)
 command -v h2load >/dev/null || packages+=(nghttp2-client)
+command -v wrk >/dev/null || packages+=(wrk)
 command -v node >/dev/null || packages+=(nodejs)
 command -v npm >/dev/null || packages+=(npm)
 if [ ${#packages[@]} -gt 0 ]; then
