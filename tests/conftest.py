@@ -216,7 +216,8 @@ async def cluster(count: int, **overrides: object) -> AsyncIterator[Cluster]:
 
 
 class ServerProcess:
-    """A fluxkv-server child process; its stderr is collected in `lines`."""
+    """A child process of ours (fluxkv-server, fluxkv-gateway); its stderr is collected in
+    `lines`, and `address` is where its "serving on" line says it serves."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
@@ -253,13 +254,13 @@ class ServerProcess:
                 raise TimeoutError(f"no {count} lines matching {pattern!r} in {timeout} s:\n{self.log}")
             found = matches()
         if len(found) < count:
-            raise RuntimeError(f"fluxkv-server exited before {count} lines matched {pattern!r}:\n{self.log}")
+            raise RuntimeError(f"{self.proc.args[1]} exited before {count} lines matched {pattern!r}:\n{self.log}")
         return found[:count]
 
     def wait_ready(self) -> str:
         if not self._ready.wait(START_TIMEOUT_S) or not self.address:
             self.proc.kill()
-            raise RuntimeError("fluxkv-server did not start:\n" + "".join(self.lines))
+            raise RuntimeError(f"{self.proc.args[1]} did not start:\n" + "".join(self.lines))
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
@@ -290,13 +291,21 @@ def server_process(*args: str, env: Mapping[str, str] | None = None) -> Iterator
     gRPC server is the test's, unless `env` names one (FLUX_GRPC_SERVER)."""
     if "FLUX_GRPC_SERVER" not in (env or {}):
         grpc_server_in_use()
+    with program_process("fluxkv-server", "--port", "0", *args, env={"FLUX_ADMIN_PORT": "0", **(env or {})}) as s:
+        yield s
+
+
+@contextmanager
+def program_process(program: str, *args: str, env: Mapping[str, str]) -> Iterator[ServerProcess]:
+    """Start `cmd/PROGRAM ARGS` with `env` over this process's environment, wait until it
+    logs that it serves, and kill it at the end if it still runs."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "cmd" / "fluxkv-server"), "--port", "0", *args],
+        [sys.executable, str(ROOT / "cmd" / program), *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "FLUX_ADMIN_PORT": "0", **(env or {})},
+        env={**os.environ, **env},
     )
     server = ServerProcess(proc)
     try:

@@ -15,8 +15,8 @@ import ssl
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import httpx
@@ -24,31 +24,15 @@ import pytest
 
 from deploy.private_servers import EtcdServer
 from fluxkv.cluster.hash_ring import HashRing
-from tests.conftest import ROOT, Certificates, ServerProcess, eventually, server_process
+from tests.conftest import ROOT, Certificates, ServerProcess, eventually, program_process, server_process
 from tests.gateway.test_gateway import metric
 
 pytestmark = pytest.mark.usefixtures("grpc_server")
 
 
-@contextmanager
-def gateway_process(env: Mapping[str, str]) -> Iterator[ServerProcess]:
-    """Start `cmd/fluxkv-gateway` on a free port and wait until it serves; `.address` is its URL."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "cmd" / "fluxkv-gateway")],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "FLUX_GATEWAY_PORT": "0", **env},
-    )
-    gateway = ServerProcess(proc)
-    try:
-        gateway.wait_ready()
-        yield gateway
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def gateway_process(env: Mapping[str, str]) -> AbstractContextManager[ServerProcess]:
+    """`cmd/fluxkv-gateway` on a free port, serving; `.address` is its URL."""
+    return program_process("fluxkv-gateway", env={"FLUX_GATEWAY_PORT": "0", **env})
 
 
 def admin_url(node: ServerProcess) -> str:
