@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.private_servers import EtcdServer
 from fluxkv import config
+from fluxkv.obs import http_server
 from fluxkv.obs.admin import AdminServer, Page, Request, Response, text
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.server import workers
@@ -124,6 +125,37 @@ async def test_a_failing_page_answers_500_naming_the_path_and_the_exception(capl
         assert "secret" not in answer.text
         assert [r.getMessage() for r in caplog.records] == ["admin page /broken failed"]
         assert (await http_get(port, "/a")).status == 200  # the server goes on
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /a HTTP/1.1\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n",
+        b"GET /a HTTP/1.1\r\nX-A: " + b"b" * 1_000_000 + b"\r\n\r\n",
+    ],
+    ids=["line", "headers", "header"],
+)
+async def test_a_request_line_and_headers_over_the_bound_answer_431(request_bytes: bytes) -> None:
+    async with admin_server() as port:
+        answer = await http_raw(port, request_bytes)
+        assert (answer.status, answer.text) == (431, "request line and headers over 32768 bytes\n")
+        assert (await http_get(port, "/a/")).status == 200
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /a HTTP/1.1\r\nHost: x\r\n"])
+async def test_a_request_not_received_in_time_answers_408(monkeypatch: pytest.MonkeyPatch, sent: bytes) -> None:
+    monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.5)
+    async with admin_server() as port:
+        answer = await http_raw(port, sent)
+        assert (answer.status, answer.text) == (408, "no complete request line and headers within 0.5 s\n")
+
+
+async def test_a_connection_serves_request_after_request() -> None:
+    async with admin_server() as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        answers = [await client.get(path) for path in ("/a", "/b/", "/c", "/a")]
+        assert [a.status_code for a in answers] == [200, 200, 404, 200]
+        assert len({a.extensions["network_stream"].get_extra_info("client_addr") for a in answers}) == 1
 
 
 # -- pages -------------------------------------------------------------------
