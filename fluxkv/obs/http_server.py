@@ -2,6 +2,10 @@
 httptools), started and stopped by its owner rather than by uvicorn's own
 `run()`, which would take the process's signals and exit the process when it
 cannot bind. The nodes' admin port and fluxkv-gateway serve their apps on it.
+
+uvicorn's httptools protocol bounds neither the size of a request's line and
+headers nor the time to receive them (its keep-alive timeout only runs between
+requests); _BoundedRequests adds both.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from http import HTTPStatus
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # uvicorn's own lines ("Started server process", "Shutting down") say nothing its owner's log does not.
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+MAX_HEAD_BYTES = 32 * 1024  # a request line and its headers together (more: 431)
+HEAD_TIMEOUT_S = 10.0  # to receive them, from the connection or the request's first byte (then: 408)
 
 
 class HttpServer:
@@ -42,7 +51,7 @@ class HttpServer:
         self._tls = tls
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=_BoundedRequests,
             lifespan="off",
             log_config=None,
             access_log=False,
@@ -99,3 +108,89 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
     except OSError as exc:
         raise OSError(f"cannot listen for the {what} port on {host}:{port}: {exc}") from None
     return sock
+
+
+class _BoundedRequests(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a request's line and headers bounded in size
+    (MAX_HEAD_BYTES) and in time (HEAD_TIMEOUT_S). A whole head is measured when it ends;
+    one still arriving is counted by the chunks received, so its buffer stays bounded."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._head_size = 0  # the line and headers of the request in progress, as parsed
+        self._received = 0  # bytes received since the last head ended, while no head ends
+        self._in_body = self._head_ended = self._too_large = False
+        self._head_deadline: asyncio.TimerHandle | None = self.loop.call_later(HEAD_TIMEOUT_S, self._too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        in_head, self._head_ended = not self._in_body, False
+        super().data_received(data)
+        if in_head and not self._head_ended and not self.transport.is_closing():
+            self._received += len(data)  # a head still arriving: what the parser holds of it
+            if self._received > MAX_HEAD_BYTES:
+                self._refuse_too_large()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._too_slow)
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        self._head_ended, self._received = True, 0
+        if self._head_size > MAX_HEAD_BYTES:
+            # Stops the parser: uvicorn answers its failures with send_400_response, below.
+            self._too_large = True
+            raise ValueError("request head too large")
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._refuse_too_large()
+        else:
+            super().send_400_response(msg)
+
+    def _cancel_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _too_slow(self) -> None:
+        self._head_deadline = None
+        self._refuse(HTTPStatus.REQUEST_TIMEOUT, f"no complete request line and headers within {HEAD_TIMEOUT_S:g} s")
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request line and headers over {MAX_HEAD_BYTES} bytes"
+        )
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer `status` and close; only close if an answer to an earlier request is under way."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            body = message.encode() + b"\n"
+            self.transport.write(
+                f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+        self.transport.close()

@@ -104,7 +104,7 @@ class Profiler:
         )
 
     async def _profile_page(self, request: Request) -> Response:
-        seconds, fmt = _profile_parameters(request.query)
+        seconds, fmt = _profile_parameters(request.url.query)
         return await self._profile(seconds, fmt)
 
     # -- py-spy ----------------------------------------------------------------
@@ -138,7 +138,7 @@ class Profiler:
         if download:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             headers["Content-Disposition"] = f'attachment; filename="fluxkv-{os.getpid()}-{stamp}.{suffix}"'
-        return Response(HTTPStatus.OK, content_type, body, headers)
+        return Response(body, media_type=content_type, headers=headers)
 
 
 async def _record(py_spy: str, seconds: int, fmt: str) -> bytes:

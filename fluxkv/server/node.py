@@ -510,7 +510,7 @@ class Node:
         return True, f"serving on {self.address}"
 
     async def _metrics_page(self, request: Request) -> Response:
-        return Response(HTTPStatus.OK, CONTENT_TYPE, self.metrics.exposition())
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
 
     def _collect(self) -> list[Family]:
         """The node's own metrics: the store, watches, readiness, the process."""

@@ -1,20 +1,29 @@
 """The admin HTTP port (FLUX_ADMIN_PORT): its pages, liveness and readiness
-through start-up and shutdown (with etcd too), `off`, and the workers' ports."""
+through start-up and shutdown (with etcd too), `off`, and the workers' ports;
+the rules of AdminServer itself (GET only, no bodies, slashes, failing pages)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.private_servers import EtcdServer
 from fluxkv import config
+from fluxkv.obs import http_server
+from fluxkv.obs.admin import AdminServer, Page, Request, Response, text
 from fluxkv.proto import kv_pb2 as pb
 from fluxkv.server import workers
 from tests.conftest import (
     http_get,
+    http_raw,
     listening_ports,
     node_whose_writes_wait,
     running_node,
@@ -52,6 +61,101 @@ def test_bad_admin_port_names_the_variable_it_came_from() -> None:
 def test_worker_i_serves_admin_port_plus_i(port: int | None, second: int | None) -> None:
     env = workers.worker_environment(config.Settings(workers=2, admin_port=port), 1)
     assert config.load({}, env).admin_port == second
+
+
+# -- the server ----------------------------------------------------------------
+
+
+async def _hello(request: Request) -> Response:
+    return text(HTTPStatus.OK, f"hello from {request.url.path}")
+
+
+async def _broken(request: Request) -> Response:
+    raise KeyError("secret")
+
+
+@asynccontextmanager
+async def admin_server() -> AsyncIterator[int]:
+    """An AdminServer on a free port with pages /a, /b/ and /broken: its port."""
+    pages = {"/a": Page(_hello, "a"), "/b/": Page(_hello, "b"), "/broken": Page(_broken, "fails")}
+    server = AdminServer("127.0.0.1", 0, pages)
+    await server.start()
+    try:
+        yield server.port
+    finally:
+        await server.stop()
+
+
+async def test_a_path_answers_with_or_without_its_trailing_slash() -> None:
+    async with admin_server() as port:
+        for path in ("/a", "/a/", "/b/", "/b"):
+            answer = await http_get(port, path)
+            assert (answer.status, answer.text) == (200, f"hello from {path}\n")
+            assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        index = await http_get(port, "/")
+        assert index.text.splitlines()[2:] == ["/        this list", "/a       a", "/b/      b", "/broken  fails"]
+        assert (await http_get(port, "/c")).text == "no page at /c; see /\n"
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD", "DELETE", "OPTIONS"])
+async def test_only_get_is_served(method: str) -> None:
+    async with admin_server() as port:
+        answer = await http_raw(port, f"{method} /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert answer.status == 405
+        assert answer.headers["allow"] == "GET"
+        if method != "HEAD":
+            assert answer.text == f"{method} is not supported; use GET\n"
+
+
+@pytest.mark.parametrize(
+    "body_headers", ["Content-Length: 5\r\n\r\nhello", "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
+)
+async def test_a_request_body_is_refused(body_headers: str) -> None:
+    async with admin_server() as port:
+        answer = await http_raw(port, f"GET /a HTTP/1.1\r\nHost: x\r\n{body_headers}".encode())
+        assert (answer.status, answer.text) == (400, "a request body is not accepted\n")
+        assert answer.headers["connection"] == "close"
+
+
+async def test_a_failing_page_answers_500_naming_the_path_and_the_exception(caplog: pytest.LogCaptureFixture) -> None:
+    async with admin_server() as port:
+        with caplog.at_level(logging.ERROR, logger="fluxkv.admin"):
+            answer = await http_get(port, "/broken")
+        assert (answer.status, answer.text) == (500, "/broken failed: KeyError\n")
+        assert "secret" not in answer.text
+        assert [r.getMessage() for r in caplog.records] == ["admin page /broken failed"]
+        assert (await http_get(port, "/a")).status == 200  # the server goes on
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /a HTTP/1.1\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n",
+        b"GET /a HTTP/1.1\r\nX-A: " + b"b" * 1_000_000 + b"\r\n\r\n",
+    ],
+    ids=["line", "headers", "header"],
+)
+async def test_a_request_line_and_headers_over_the_bound_answer_431(request_bytes: bytes) -> None:
+    async with admin_server() as port:
+        answer = await http_raw(port, request_bytes)
+        assert (answer.status, answer.text) == (431, "request line and headers over 32768 bytes\n")
+        assert (await http_get(port, "/a/")).status == 200
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /a HTTP/1.1\r\nHost: x\r\n"])
+async def test_a_request_not_received_in_time_answers_408(monkeypatch: pytest.MonkeyPatch, sent: bytes) -> None:
+    monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.5)
+    async with admin_server() as port:
+        answer = await http_raw(port, sent)
+        assert (answer.status, answer.text) == (408, "no complete request line and headers within 0.5 s\n")
+
+
+async def test_a_connection_serves_request_after_request() -> None:
+    async with admin_server() as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        answers = [await client.get(path) for path in ("/a", "/b/", "/c", "/a")]
+        assert [a.status_code for a in answers] == [200, 200, 404, 200]
+        assert len({a.extensions["network_stream"].get_extra_info("client_addr") for a in answers}) == 1
 
 
 # -- pages -------------------------------------------------------------------
@@ -97,7 +201,7 @@ async def test_not_ready_and_not_serving_from_the_start_of_shutdown_while_calls_
         blocked.cancel()
         assert await blocked.code() == grpc.StatusCode.CANCELLED
         await asyncio.wait_for(stopping, 30)
-        with pytest.raises(OSError):
+        with pytest.raises(httpx.ConnectError):
             await http_get(port, "/healthz")
 
 

@@ -20,7 +20,7 @@ from fluxkv.obs import profiling
 from fluxkv.proto import kv_pb2, kv_pb2_grpc
 from fluxkv.server import workers
 from fluxkv.server.node import Node
-from tests.conftest import Answer, http_get, listening_ports, running_node, server_process
+from tests.conftest import Answer, http_get, http_raw, listening_ports, running_node, server_process
 
 PROFILING_ON = re.compile(r"profiling on (http://\S+/debug/pprof/) \(py-spy\)")
 ADMIN_ON = re.compile(r"admin on http://127\.0\.0\.1:(\d+)/")
@@ -194,17 +194,14 @@ async def test_bad_parameters_answer_400(query: str, message: str) -> None:
         (b"GET /debug/pprof/heap HTTP/1.1\r\n\r\n", 404, "no page at /debug/pprof/heap; see /"),
         (b"GET /debug HTTP/1.0\r\n\r\n", 404, "no page at /debug; see /"),
         (b"POST /debug/pprof/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "POST is not supported; use GET"),
-        (b"GET /debug/pprof/\r\n\r\n", 400, "not an HTTP/1.x request line"),
-        (b"GET /debug/pprof/ HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed header line"),
+        (b"GET /debug/pprof/ HTTP/1.1\r\nno colon here\r\n\r\n", 400, "Invalid HTTP request received."),
         (b"GET /debug/pprof/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 400, "a request body is not accepted"),
-        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n", 414, "request line over 8192 bytes"),
-        (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "headers over 32768 bytes or 100 lines"),
     ],
 )
 @pytest.mark.usefixtures("grpc_server")
-async def test_bad_requests_are_answered_and_closed(request_bytes: bytes, status: int, message: str) -> None:
+async def test_bad_requests_are_answered(request_bytes: bytes, status: int, message: str) -> None:
     async with pprof_node() as (_, port, _):
-        answer = await http_get(port, "", raw=request_bytes)
+        answer = await http_raw(port, request_bytes)
         assert answer.status == status
         assert message in answer.text
 
@@ -242,8 +239,8 @@ async def test_stop_ends_a_profile_in_progress() -> None:
         assert py_spy_children()
         assert node.admin is not None
         await node.admin.stop()  # as Node.stop does
-        with pytest.raises(ConnectionError):  # closed without an answer
-            await request
+        answer = await request
+        assert (answer.status, answer.text) == (503, "/debug/pprof/profile was cut short: the node is stopping\n")
         assert not py_spy_children()
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)

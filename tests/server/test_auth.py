@@ -281,8 +281,7 @@ async def test_metrics_count_refusals_by_reason_and_token_and_calls_by_token(sec
 
 
 async def admin_get(port: int, target: str, secret: str | None = None) -> Answer:
-    header = f"Authorization: Bearer {secret}\r\n" if secret is not None else ""
-    return await http_get(port, target, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}\r\n".encode())
+    return await http_get(port, target, {"Authorization": f"Bearer {secret}"} if secret is not None else None)
 
 
 async def test_admin_port_metrics_need_a_token_and_profiles_an_admin_token(tmp_path: Path) -> None:
