@@ -272,7 +272,7 @@ def test_the_dockerfile_builds_a_wheel_and_runs_it_as_a_user_with_a_health_check
     assert IMAGE.healthcheck == ["python", "-m", "fluxkv.server.healthcheck"]
     assert not [k for k in IMAGE.env if k.startswith("FLUX_")]  # fluxkv-cdc runs from this image too
     exposed = {int(p) for i, a in runtime if i == "EXPOSE" for p in a.split()}
-    assert exposed == {config.Settings.port, setting("FLUX_ADMIN_PORT").default}
+    assert exposed == {config.Settings.port, setting("FLUX_ADMIN_PORT").default, config.Settings.gateway_port}
 
 
 def test_the_build_context_is_only_what_the_image_needs() -> None:
