@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The FluxKV image: fluxkv-server by default; fluxkv, fluxkv-cdc and fluxkv-bench are installed too
+# The FluxKV image: fluxkv-server by default; fluxkv, fluxkv-cdc, fluxkv-bench and fluxkv-gateway are installed too
 # (docker run --entrypoint fluxkv-cdc ...). deploy/docker-compose.yml runs the local stack from it.
 
 # Wheels of FluxKV and of every dependency. They all publish binary wheels, so no compiler is needed.
@@ -25,8 +25,9 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 VOLUME ["/data"]
 WORKDIR /data
 USER fluxkv
-# gRPC (FLUX_SERVER_PORT) and the admin HTTP port: /metrics, /healthz, /readyz (FLUX_ADMIN_PORT).
-EXPOSE 50052 6060
+# gRPC (FLUX_SERVER_PORT) and the admin HTTP port: /metrics, /healthz, /readyz (FLUX_ADMIN_PORT); fluxkv-gateway's
+# HTTP API (FLUX_GATEWAY_PORT).
+EXPOSE 50052 6060 8080
 # Asks the node's grpc.health.v1 service on FLUX_SERVER_PORT, read from the container's environment.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-m", "fluxkv.server.healthcheck"]

@@ -18,10 +18,11 @@ their depends_on, each once the ones it depends on are ready:
   in DIR/volumes/<volume>. Such a service is ready once the image's HEALTHCHECK command, run with its environment,
   succeeds (or at once when the service disables its health check); its output goes to DIR/logs/<service>.log.
 
-It then prints what runs where (DIR/stack.json has the same, for scripts) and waits. Ctrl-C or SIGTERM stops every
-service, those that depend on others first, and exits 0. A service that fails to start stops the ones started
-before it, and the program exits 1 with the reason. Without --dir, DIR is a new temporary directory, deleted at
-exit; with it, the volumes (append-only files, the CDC consumer's output) stay there for the next run.
+It then prints what runs where (DIR/stack.json has the same, for scripts), with the URL of each fluxkv-gateway
+service, and waits. Ctrl-C or SIGTERM stops every service, those that depend on others first, and exits 0. A service
+that fails to start stops the ones started before it, and the program exits 1 with the reason. Without --dir, DIR is
+a new temporary directory, deleted at exit; with it, the volumes (append-only files, the CDC consumer's output) stay
+there for the next run.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ AMQP_PORT = 5672
 RABBITMQ_UI_PORT = 15672
 # Variables whose value is a host name (or an address to listen on) rather than host:port or a URL.
 HOST_VARIABLES = ("FLUX_SERVER_HOST", "FLUX_POD_IP")
+GATEWAY_PROGRAM = "fluxkv-gateway"
+GATEWAY_PORT_VARIABLE = "FLUX_GATEWAY_PORT"
 
 
 class StackError(Exception):
@@ -346,6 +349,7 @@ class ProgramService(Service):
     cwd: Path = Path()
     proc: subprocess.Popen[bytes] | None = None
     exit_reported: bool = False
+    url: str = ""  # a fluxkv-gateway's HTTP API
 
     @property
     def pid(self) -> int | None:
@@ -487,6 +491,8 @@ class Stack:
                 set_ports.add(int(value))
         if service.name in self.tracing_off:
             env["OTEL_SDK_DISABLED"] = "true"
+        if argv[0] == GATEWAY_PROGRAM and GATEWAY_PORT_VARIABLE in env:
+            service.url = f"http://{LOCALHOST}:{env[GATEWAY_PORT_VARIABLE]}/"
         for port in service.ports.keys() - set_ports:
             raise StackError(f"{service.name}: port {port} is published, but no *_PORT variable sets it")
         args = [self._rewrite(service, a) for a in argv[1:]]
@@ -581,6 +587,8 @@ class Stack:
             }
             if isinstance(service, ProgramService):
                 entry.update(argv=service.argv, log=str(service.log), tracing_off=self.tracing_off.get(name, []))
+                if service.url:
+                    entry["url"] = service.url
             services[name] = entry
         return {"dir": str(self.dir), "compose_file": str(self.compose_file), "services": services}
 
@@ -591,6 +599,7 @@ class Stack:
             notes = [service.note] if service.note else []
             notes += [f"{t} is {d}" for t, d in service.volumes.items()]
             if isinstance(service, ProgramService):
+                notes += [f"HTTP API {service.url}"] if service.url else []
                 notes.append(f"log {service.log}")
                 if name in self.tracing_off:
                     notes.append(f"dropped {', '.join(self.tracing_off[name])}: they point at a service not run here")
@@ -643,14 +652,22 @@ def up(compose_file: Path, env_file: Path, directory: Path | None) -> int:
         stack.start()
         (base / "stack.json").write_text(json.dumps(stack.describe(), indent=2) + "\n")
         print(stack.table())
+        tries = []
         etcd = next(
             (s for s in stack.services.values() if isinstance(s, ServerService) and ETCD_CLIENT_PORT in s.ports), None
         )
         if etcd is not None:
             where = f"{LOCALHOST}:{etcd.ports[ETCD_CLIENT_PORT]}"
             bin_dir = Path(sys.executable).parent
-            print(f"\ntry:  {bin_dir / 'fluxkv'} --etcd {where} set greeting hello")
-            print(f"      {bin_dir / 'fluxkv-bench'} --etcd {where} -t mixed -n 20000")
+            tries += [
+                f"{bin_dir / 'fluxkv'} --etcd {where} set greeting hello",
+                f"{bin_dir / 'fluxkv-bench'} --etcd {where} -t mixed -n 20000",
+            ]
+        for gateway in stack.services.values():
+            if isinstance(gateway, ProgramService) and gateway.url:
+                tries.append(f"curl '{gateway.url}api/v1/kv?key=greeting'")
+        for i, line in enumerate(tries):
+            print(f"\ntry:  {line}" if i == 0 else f"      {line}")
         kept = "deleted at exit; --dir DIR keeps them" if directory is None else "the volumes stay there"
         print(f"files in {base} ({kept}); what runs where: {base / 'stack.json'}")
         print("the stack is up; Ctrl-C or SIGTERM stops it", flush=True)

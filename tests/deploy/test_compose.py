@@ -3,8 +3,15 @@ checked (read as deploy/native_stack.py reads them); tests/deploy/test_stack.py 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,6 +26,7 @@ COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 EXAMPLE = native_stack.read_env_file(DEPLOY / ".env.example")
 NODES = ("fluxkv-1", "fluxkv-2", "fluxkv-3")
 CONSUMER = "fluxkv-cdc"
+GATEWAY = "fluxkv-gateway"
 
 
 def services() -> dict[str, Any]:
@@ -61,7 +69,7 @@ def setting(env: str) -> config.Setting:
 
 def test_the_stack_has_its_services_and_images() -> None:
     s = services()
-    assert set(s) == {"etcd", "rabbitmq", "jaeger", *NODES, CONSUMER}
+    assert set(s) == {"etcd", "rabbitmq", "jaeger", *NODES, CONSUMER, GATEWAY}
     assert s["etcd"]["image"].startswith("quay.io/coreos/etcd:v3.")
     assert s["rabbitmq"]["image"] == "rabbitmq:3-management"
     assert s["jaeger"]["image"].startswith("jaegertracing/all-in-one:")
@@ -69,11 +77,12 @@ def test_the_stack_has_its_services_and_images() -> None:
     assert {(p[1], p[2]) for p in published(s["jaeger"])} == {(16686, 16686), (4317, 4317)}
     assert {(p[1], p[2]) for p in published(s["rabbitmq"])} == {(5672, 5672), (15672, 15672)}
     assert {(p[1], p[2]) for p in published(s["etcd"])} == {(2379, 2379)}
-    for name in (*NODES, CONSUMER):
+    for name in (*NODES, CONSUMER, GATEWAY):
         assert s[name]["build"] == {"context": "..", "dockerfile": "Dockerfile"}, name
         assert s[name]["image"] == "fluxkv:local", name
     assert [program(s[n]) for n in NODES] == ["fluxkv-server"] * 3
     assert program(s[CONSUMER]) == "fluxkv-cdc"
+    assert program(s[GATEWAY]) == "fluxkv-gateway"
 
 
 def test_ports_are_published_on_loopback_only() -> None:
@@ -154,8 +163,67 @@ def test_services_wait_for_what_they_need_to_be_healthy() -> None:
         assert "healthcheck" not in s[name]  # the image's: python -m fluxkv.server.healthcheck
     assert s[CONSUMER]["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
     assert s[CONSUMER]["healthcheck"] == {"disable": True}  # the image's checks a node's gRPC port
+    assert s[GATEWAY]["depends_on"] == {d: {"condition": "service_healthy"} for d in ("etcd", *NODES)}
+    assert s[GATEWAY]["healthcheck"]["test"][:2] == ["CMD", "python"]  # its own: GET /health
     for name in ("etcd", "rabbitmq", "jaeger"):
         assert s[name]["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_the_gateway_serves_flux_kvs_port_over_the_nodes_in_etcd_and_traces_like_them() -> None:
+    s = services()
+    spec = s[GATEWAY]
+    flux = flux_variables(spec)
+    assert set(flux) <= {st.env for st in config.SETTINGS}, "variables fluxkv-gateway does not read"
+    gateway = config.load({}, flux)
+    assert gateway.host == "0.0.0.0"
+    assert gateway.gateway_port == config.Settings.gateway_port == 8080  # Flux-KV's
+    assert published(spec) == {("127.0.0.1", 8080, 8080)}
+    assert not gateway.gateway_nodes  # from etcd, where the nodes register
+    env = environment(spec)
+    for name in NODES:
+        node_env = environment(s[name])
+        node = config.load({}, flux_variables(s[name]))
+        assert gateway.etcd_endpoints == node.etcd_endpoints and gateway.etcd_prefix == node.etcd_prefix
+        assert (gateway.otlp_endpoint, gateway.trace_sample_ratio) == (node.otlp_endpoint, node.trace_sample_ratio)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == node_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    assert native_stack.stop_grace_s(spec) > gateway.shutdown_grace_s
+
+
+@contextmanager
+def health_server(status: HTTPStatus) -> Iterator[int]:
+    """An HTTP server on a free port of 127.0.0.1 that answers GET /health with `status`; yields the port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status if self.path == "/health" else HTTPStatus.NOT_FOUND)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def test_the_gateways_health_check_passes_only_on_a_200_from_health() -> None:
+    test = services()[GATEWAY]["healthcheck"]["test"]
+    argv = [sys.executable if word == "python" else word for word in test[1:]]  # as native_stack.py runs it
+
+    def check(port: int) -> int:
+        env = {**os.environ, "FLUX_GATEWAY_PORT": str(port)}
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+
+    with health_server(HTTPStatus.OK) as port:
+        assert check(port) == 0
+    assert check(port) != 0  # closed now
+    with health_server(HTTPStatus.SERVICE_UNAVAILABLE) as port:
+        assert check(port) != 0
 
 
 def test_credentials_come_from_an_env_file_that_is_not_committed() -> None:
@@ -204,7 +272,7 @@ def test_the_dockerfile_builds_a_wheel_and_runs_it_as_a_user_with_a_health_check
     assert IMAGE.healthcheck == ["python", "-m", "fluxkv.server.healthcheck"]
     assert not [k for k in IMAGE.env if k.startswith("FLUX_")]  # fluxkv-cdc runs from this image too
     exposed = {int(p) for i, a in runtime if i == "EXPOSE" for p in a.split()}
-    assert exposed == {config.Settings.port, setting("FLUX_ADMIN_PORT").default}
+    assert exposed == {config.Settings.port, setting("FLUX_ADMIN_PORT").default, config.Settings.gateway_port}
 
 
 def test_the_build_context_is_only_what_the_image_needs() -> None:

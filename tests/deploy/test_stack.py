@@ -1,6 +1,6 @@
 """deploy/native_stack.py: the stack of deploy/docker-compose.yml on this machine without Docker (Debian's etcd and
-RabbitMQ, this checkout's programs), used through the SDK as an application would, then stopped without leaving a
-process behind."""
+RabbitMQ, this checkout's programs), used through the SDK and the gateway's HTTP API as an application would, then
+stopped without leaving a process behind."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from deploy import native_stack
@@ -28,6 +29,8 @@ from tests.conftest import ROOT, eventually
 NATIVE_STACK = ROOT / "deploy" / "native_stack.py"
 ENV_FILE = ROOT / "deploy" / ".env.example"
 NODES = ("fluxkv-1", "fluxkv-2", "fluxkv-3")
+GATEWAY = "fluxkv-gateway"
+GATEWAY_PORT = 8080  # in the compose file
 MARK = "FLUXKV_TEST_STACK"  # in the environment of every process the stack starts, and of no other
 UP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 120.0
@@ -126,10 +129,16 @@ def events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def logged_at(log: Path, event: str) -> str:
+    """The time of the first JSON log line of `log` with this event (ISO 8601, UTC: ordered as strings)."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return next(line["ts"] for line in lines if line.get("event") == event)
+
+
 @pytest.mark.broker
 @pytest.mark.etcd
 @pytest.mark.timeout(UP_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
-async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and_stops_clean(
+async def test_the_stack_serves_the_sdk_and_http_registers_its_nodes_captures_changes_and_stops_clean(
     tmp_path: Path, grpc_server: str
 ) -> None:
     async with native(tmp_path) as stack:
@@ -161,6 +170,27 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
             item = await sdk.get(key)
             assert item is not None and item.value == value
 
+        # The gateway: Flux-KV's HTTP API over the same nodes, which it finds in etcd.
+        url = services[GATEWAY]["url"]
+        assert url == f"http://{stack.address(GATEWAY, GATEWAY_PORT)}/" and url in stack.output
+        http_key, http_value = f"{key}:http", "written through the gateway"
+        async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as http:
+
+            async def sees_the_nodes() -> bool:
+                health = await http.get("/health")
+                assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+                return bool(health.json()["nodes"] == len(NODES))
+
+            await eventually(sees_the_nodes, "the gateway finds the three nodes in etcd", wait_s=WAIT_S)
+            read = await http.get("/api/v1/kv", params={"key": key})
+            assert read.status_code == 200 and read.json()["value"] == value.decode(), read.text
+            written = await http.post("/api/v1/kv", json={"key": http_key, "value": http_value})
+            assert written.status_code == 200 and written.json()["message"] == "success", written.text
+        for address in nodes:  # each node: its own key, or forwarded to its owner
+            async with grpc.aio.insecure_channel(address) as channel:
+                got = await kv_pb2_grpc.KVStub(channel).Get(kv_pb2.GetRequest(key=http_key), timeout=10)
+            assert got.found and got.value == http_value.encode()
+
         argv = services["fluxkv-cdc"]["argv"]
         output = Path(argv[argv.index("--output") + 1])
         assert output.is_relative_to(stack.dir / "volumes" / "cdc-events")
@@ -173,7 +203,7 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
         )
 
         pids = [service["pid"] for service in services.values() if service["pid"] is not None]
-        assert len(pids) == 6  # etcd, rabbitmq, three nodes, the consumer (Jaeger does not run here)
+        assert len(pids) == 7  # etcd, rabbitmq, three nodes, the consumer, the gateway (Jaeger does not run here)
         assert await stack.stop(signal.SIGTERM) == 0, stack.log
 
     assert processes_marked(stack.mark) == [], stack.log
@@ -183,8 +213,9 @@ async def test_the_stack_serves_the_sdk_registers_its_nodes_captures_changes_and
         "stack.json",
         "volumes",
     ]  # etcd's and RabbitMQ's files are gone
-    for node in NODES:  # each stopped as SIGTERM stops a node: deregistered first
-        assert "deregistered from etcd" in (stack.dir / "logs" / f"{node}.log").read_text()
+    gateway_stopped = logged_at(stack.dir / "logs" / f"{GATEWAY}.log", "shutdown_complete")
+    for node in NODES:  # each stopped as SIGTERM stops a node: deregistered first; after the gateway stopped
+        assert gateway_stopped <= logged_at(stack.dir / "logs" / f"{node}.log", "deregistered")
 
 
 @pytest.mark.broker
@@ -243,10 +274,21 @@ def test_the_services_get_the_compose_environment_with_local_hosts_ports_and_vol
         output = str(tmp_path / "volumes" / "cdc-events" / "cdc-events.jsonl")
         assert consumer.argv == [sys.executable, str(ROOT / "cmd" / "fluxkv-cdc"), "--output", output]
         assert consumer.healthcheck is None
+        gateway = stack.services[GATEWAY]
+        assert isinstance(gateway, native_stack.ProgramService)
+        assert gateway.env["FLUX_GATEWAY_PORT"] == str(gateway.ports[GATEWAY_PORT])
+        assert gateway.env["FLUX_SERVER_HOST"] == "127.0.0.1"
+        assert gateway.env["FLUX_ETCD_ENDPOINTS"] == f"127.0.0.1:{etcd.ports[2379]}"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in gateway.env and gateway.env["OTEL_SDK_DISABLED"] == "true"
+        assert gateway.argv == [sys.executable, str(ROOT / "cmd" / "fluxkv-gateway")]
+        assert gateway.healthcheck is not None and gateway.healthcheck[:2] == [sys.executable, "-c"]
+        assert gateway.url == f"http://127.0.0.1:{gateway.ports[GATEWAY_PORT]}/"
+        assert stack.describe()["services"][GATEWAY]["url"] == gateway.url
         assert [name for level in stack.levels for name in level] == [
-            "etcd", "rabbitmq", "jaeger", "fluxkv-1", "fluxkv-2", "fluxkv-3", "fluxkv-cdc"
+            "etcd", "rabbitmq", "jaeger", "fluxkv-1", "fluxkv-2", "fluxkv-3", "fluxkv-cdc", "fluxkv-gateway"
         ]  # fmt: skip
-        assert len({port for s in stack.services.values() for port in s.ports.values()}) == 1 + 2 + 3 * 2
+        assert stack.levels[-1] == [GATEWAY]  # started last, stopped first
+        assert len({port for s in stack.services.values() for port in s.ports.values()}) == 1 + 2 + 3 * 2 + 1
     finally:
         stack.close()
     assert list(tmp_path.iterdir()) == []  # the private servers' directories are gone
