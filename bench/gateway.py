@@ -339,7 +339,11 @@ def main() -> int:
     if args.concurrency % args.h2load_connections:
         p.error("--concurrency must be a multiple of --h2load-connections")
     signal.signal(signal.SIGTERM, interrupt)
-    return main_bench(args)
+    try:
+        return main_bench(args)
+    except KeyboardInterrupt:  # the node and the gateway were stopped on the way out
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
