@@ -24,11 +24,13 @@ import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import grpc
 import orjson
+import pygrpc_native
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -235,6 +237,7 @@ def report(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, An
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores (nproc {info['usable_cores']}), load average "
           f"{info['loadavg']} at the start, {info['loadavg_end']} at the end; Python {info['python']}, "
           f"commit {info['commit']}")  # fmt: skip
+    print("versions: " + ", ".join(f"{name} {v}" for name, v in info["versions"].items()))
     streams = args.concurrency // args.h2load_connections
     print(f"compared: one node on {args.grpc_server} ({KEYS:,} keys of {VALUE_SIZE} B) called directly by h2load "
           f"(unary gRPC, {args.h2load_connections} connections x {streams} streams, {args.calls:,} calls of one key "
@@ -268,6 +271,8 @@ def main_bench(args: argparse.Namespace) -> int:
             return 1
     info = machine()
     info["wrk"] = wrk_version(shutil.which("wrk") or "wrk")
+    info["versions"] = {"pygrpc-native": pygrpc_native.__version__, "grpcio": grpc.__version__}
+    info["versions"] |= {name: version(name) for name in ("starlette", "uvicorn", "httptools", "uvloop")}
     loads = [load for load in LOADS if load != GATEWAY_HOT or not args.no_hot]
     runs: dict[str, list[Run]] = {load: [] for load in loads}
     checks: dict[str, str] = {}
