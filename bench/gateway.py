@@ -59,7 +59,6 @@ DIRECT_GET, DIRECT_SET, GATEWAY_GET, GATEWAY_POST, GATEWAY_HOT = (
 LOADS = (DIRECT_GET, DIRECT_SET, GATEWAY_GET, GATEWAY_POST, GATEWAY_HOT)
 # Each gateway load and the direct one it is compared with.
 PAIRS = ((GATEWAY_GET, DIRECT_GET), (GATEWAY_POST, DIRECT_SET), (GATEWAY_HOT, DIRECT_GET))
-WRITES = (DIRECT_SET, GATEWAY_POST)
 
 
 def preloaded_value(i: int) -> bytes:
@@ -165,7 +164,7 @@ class Bench:
         self.wrk = shutil.which("wrk") or "wrk"
         self.direct_sets = 0  # every one applied: h2load waits for each answer
         self.posts_ok = 0  # answered 200: applied
-        self.posts_unsure = 0  # answered otherwise, or in flight when wrk stopped: applied or not
+        self.posts_unsure = 0  # answered otherwise, failed, or in flight when wrk stopped: applied or not
 
     def run(self, load: str, warmup: bool = False) -> Run:
         args = self.args
@@ -187,7 +186,7 @@ class Bench:
         errors = w.socket_errors + w.status_errors
         if load == GATEWAY_POST:
             self.posts_ok += w.requests - w.status_errors
-            self.posts_unsure += w.status_errors + args.concurrency
+            self.posts_unsure += errors + args.concurrency
         cpu = w.cpu_us_per_request
         return Run(w.requests, errors, w.seconds, w.requests_per_s, w.p50_ms, w.p99_ms, cpu["node"], cpu["gateway"],
                    w.client_cpu_us_per_request)  # fmt: skip
