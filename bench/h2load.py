@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 
 from fluxkv.bench.load import key_name
 from fluxkv.bench.server_probe import cpu_seconds
-from fluxkv.proto import kv_pb2
+from fluxkv.proto import kv_pb2, kv_pb2_grpc
 
 METHOD = "/fluxkv.v1.KV/Set"
 KEY = "h2load"
@@ -167,6 +168,12 @@ def h2load(
         server_cpu_us_per_call=server_cpu / total * 1e6,
         client_cpu_us_per_call=client_cpu / total * 1e6,
     )
+
+
+def revision(address: str) -> int:
+    """A node's revision (Info): what checks h2load's Sets, which it counts by HTTP status."""
+    with grpc.insecure_channel(address) as channel:
+        return int(kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=10).revision)
 
 
 def children_cpu_s() -> float:

@@ -17,18 +17,13 @@ Needs wrk (Debian's wrk) and the http-candidates extra. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -53,19 +48,18 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from h2load import append_record, children_cpu_s  # noqa: E402
+from h2load import append_record  # noqa: E402
 from unary_set import Server, interrupt, row  # noqa: E402
+from wrk import INSTALL, JSON_TYPE, PATH, request, wrk_script, wrk_version  # noqa: E402
+from wrk import wrk as run_wrk  # noqa: E402
 
 from deploy.private_servers import free_port  # noqa: E402
 from fluxkv.bench.load import key_name  # noqa: E402
 from fluxkv.bench.report import machine  # noqa: E402
-from fluxkv.bench.server_probe import cpu_seconds  # noqa: E402
 
 HOST = "127.0.0.1"
-PATH = "/api/v1/kv"
 KEYS = 10_000
 VALUE_SIZE = 100
-JSON_TYPE = "application/json"
 STARLETTE_UVICORN, AIOHTTP, STARLETTE_GRANIAN, LITESTAR_UVICORN, ASGI_UVICORN = (
     "starlette-uvicorn", "aiohttp", "starlette-granian", "litestar-uvicorn", "asgi-uvicorn",
 )  # fmt: skip
@@ -73,11 +67,6 @@ CANDIDATES = (STARLETTE_UVICORN, AIOHTTP, STARLETTE_GRANIAN, LITESTAR_UVICORN, A
 BASE = STARLETTE_UVICORN
 LOADS = ("get", "post")
 PACKAGES = ("starlette", "uvicorn", "httptools", "uvloop", "aiohttp", "granian", "litestar", "orjson")
-CHECK_TIMEOUT_S = 10.0
-WRK_SLACK_S = 60.0
-WRK_RESULT = re.compile(r"^wrk-result (\{.*\})$", re.MULTILINE)
-# Loopback: a proxy from the environment must not be asked.
-_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def preloaded_value(i: int) -> str:
@@ -223,18 +212,6 @@ class CheckFailed(RuntimeError):
     """A candidate answered otherwise than the logic they all serve."""
 
 
-def request(address: str, method: str, query: str = "", body: bytes | None = None) -> tuple[int, str, bytes]:
-    """(status, content type, body) of one request."""
-    req = urllib.request.Request(f"http://{address}{PATH}{query}", data=body, method=method)
-    if body is not None:
-        req.add_header("content-type", JSON_TYPE)
-    try:
-        with _no_proxy.open(req, timeout=CHECK_TIMEOUT_S) as resp:
-            return resp.status, resp.headers.get("content-type", ""), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("content-type", ""), e.read()
-
-
 def check(server: Server) -> None:
     """A known key, a missing one, and a POST then a GET of what it wrote: the same statuses and bodies as
     the Store answers by itself, else CheckFailed."""
@@ -255,41 +232,6 @@ def check(server: Server) -> None:
             )
 
 
-def wrk_script(directory: Path, load: str) -> Path:
-    """wrk's Lua script for `load`: a GET, or a POST of a VALUE_SIZE value, of a random preloaded key per
-    request (each thread seeded apart); its done hook prints the figures as one JSON line."""
-    keys = ", ".join(f'"{key_name(i)}"' for i in range(KEYS))
-    if load == "get":
-        make = f'wrk.format("GET", "{PATH}?key=" .. pick())'
-    else:
-        body = f'\'{{"key":"\' .. pick() .. \'","value":"{"v" * VALUE_SIZE}"}}\''
-        make = f'wrk.format("POST", "{PATH}", {{["Content-Type"] = "{JSON_TYPE}"}}, {body})'
-    script = directory / f"{load}.lua"
-    script.write_text(f"""local keys = {{{keys}}}
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("seed", threads)
-end
-function init(args)
-  math.randomseed(seed)
-end
-function pick()
-  return keys[math.random(#keys)]
-end
-function request()
-  return {make}
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('wrk-result {{"requests": %d, "duration_us": %d, "socket_errors": %d, ' ..
-    '"status_errors": %d, "p50_us": %f, "p99_us": %f}}\\n', summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(99)))
-end
-""")
-    return script
-
-
 @dataclass
 class WrkRun:
     requests: int
@@ -303,29 +245,19 @@ class WrkRun:
 
 
 def wrk(tool: str, server: Server, script: Path, args: argparse.Namespace, duration: int) -> WrkRun:
-    """One wrk run of `duration` seconds; server CPU from /proc of the server and its descendants (granian's
-    worker), wrk's from this process's waited-for children."""
-    server_before, client_before = cpu_seconds(server.proc.pid), children_cpu_s()
-    argv = [tool, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration}s", "-s", str(script),
-            f"http://{server.address}{PATH}"]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + WRK_SLACK_S, check=False)
-    server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_before, children_cpu_s() - client_before
+    """One wrk run of `duration` seconds against `server` (and its descendants: granian's worker)."""
+    figures = run_wrk(tool, server.address, script, args.threads, args.connections, duration,
+                      {"server": server.proc.pid})  # fmt: skip
     server.check_alive()
-    found = WRK_RESULT.search(proc.stdout)
-    if proc.returncode != 0 or found is None:
-        raise RuntimeError(f"wrk failed on {server.name} (exit {proc.returncode}): {(proc.stderr or proc.stdout)}")
-    result = json.loads(found.group(1))
-    requests, seconds = result["requests"], result["duration_us"] / 1e6
-    per_request = max(requests, 1)
     return WrkRun(
-        requests=requests,
-        errors=result["socket_errors"] + result["status_errors"],
-        seconds=seconds,
-        requests_per_s=requests / seconds,
-        p50_ms=result["p50_us"] / 1000,
-        p99_ms=result["p99_us"] / 1000,
-        server_cpu_us_per_request=server_cpu / per_request * 1e6,
-        client_cpu_us_per_request=client_cpu / per_request * 1e6,
+        requests=figures.requests,
+        errors=figures.socket_errors + figures.status_errors,
+        seconds=figures.seconds,
+        requests_per_s=figures.requests_per_s,
+        p50_ms=figures.p50_ms,
+        p99_ms=figures.p99_ms,
+        server_cpu_us_per_request=figures.cpu_us_per_request["server"],
+        client_cpu_us_per_request=figures.client_cpu_us_per_request,
     )
 
 
@@ -377,15 +309,10 @@ def report(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, di
     print("\nserver µs and client µs: CPU per request of the server process (and its workers) and of wrk")
 
 
-def wrk_version(tool: str) -> str:
-    out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout
-    return " ".join(out.split()[:2]) or "wrk"
-
-
 def main_bench(args: argparse.Namespace) -> int:
     tool = shutil.which("wrk")
     if tool is None:
-        print("wrk is not on PATH (Debian: apt-get install wrk)", file=sys.stderr)
+        print(f"wrk is not on PATH (Debian: {INSTALL})", file=sys.stderr)
         return 1
     info = machine()
     info["versions"] = {name: version(name) for name in PACKAGES}
@@ -402,7 +329,8 @@ def main_bench(args: argparse.Namespace) -> int:
             check(server)
         print(f"checked: {', '.join(candidates)} answer the same statuses and bodies", flush=True)
         with tempfile.TemporaryDirectory(prefix="fluxkv-http-servers-") as tmp:
-            scripts = {load: wrk_script(Path(tmp), load) for load in LOADS}
+            keys = [key_name(i) for i in range(KEYS)]
+            scripts = {load: wrk_script(Path(tmp), load, load, keys, VALUE_SIZE) for load in LOADS}
             if args.warmup:
                 for server in started:
                     wrk(tool, server, scripts["get"], args, args.warmup)

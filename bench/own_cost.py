@@ -29,16 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from h2load import Call, add_load_arguments, batch_call, h2load, unary_call  # noqa: E402
+from h2load import Call, add_load_arguments, batch_call, h2load, revision, unary_call  # noqa: E402
 from unary_set import Server  # noqa: E402
 
 from fluxkv.bench.report import machine  # noqa: E402
-from fluxkv.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 NOOP = "noop-native"
 UNARY = ("Set", "Get")
@@ -84,11 +81,6 @@ def node_servers(roots: Sequence[Path], policies: Sequence[str], directory: Path
             argv = [sys.executable, str(root / "cmd" / "fluxkv-server"), "--port", "0", "--grpc-server", "native"]
             servers.append(Server(name, argv, env))
     return servers
-
-
-def revision(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        return int(kv_pb2_grpc.KVStub(channel).Info(kv_pb2.InfoRequest(), timeout=10).revision)
 
 
 def measure(roots: Sequence[Path], args: argparse.Namespace) -> dict[str, Any]:

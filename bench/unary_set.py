@@ -54,7 +54,8 @@ CDC_SERVERS = {"fluxkv": CDC, "flux-kv": "fluxkv+cdc-fk"}
 BASELINE = "baseline"
 # The nodes' admin HTTP ports: free ones, so that nodes (and runs) never collide.
 NODE_ENV = {"FLUX_ADMIN_PORT": "0"}
-READY = re.compile(r"serving on (\S+:\d+)")
+# A node's "serving on 127.0.0.1:PORT", fluxkv-gateway's "serving on http://127.0.0.1:PORT/".
+READY = re.compile(r"serving on (?:https?://)?(\S+:\d+)")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
 CDC_DRAIN_POLL_S = 0.01
