@@ -42,9 +42,6 @@ class Coalescer(Generic[T]):
         """Later reads of `key` make a call of their own (those in flight still answer their callers)."""
         self._flights.pop(key, None)
 
-    def in_flight(self) -> int:
-        return sum(len(scopes) for scopes in self._flights.values())
-
     def _landed(self, key: str, scope: Hashable, flight: asyncio.Future[T]) -> None:
         scopes = self._flights.get(key)
         if scopes is not None and scopes.get(scope) is flight:
